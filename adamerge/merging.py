@@ -1,0 +1,274 @@
+"""The functional merged model: theta(lam) = theta_0 + sum_k lam[k, g] * tau_k,g, run with ``functional_call``.
+
+One module holds the frozen base, the stacked task vectors and the coefficient tensor. The experts are never
+touched; each forward composes the merged tensors from the ``[K, *shape]`` stacks (one fused op per tensor) and runs
+the base architecture on them. Granularity decides which tensors share a coefficient column ``g``:
+
+- ``task``: one coefficient per expert;
+- ``layer``: one per expert per merged tensor (AdaMerging's layer-wise);
+- ``block``: one per expert per transformer block (tensors outside blocks: one per parent module);
+- ``chunk``: each tensor split into contiguous chunks with one coefficient each (Expert Merging++).
+
+Training is fast because the merge is linear in lam: ``two_stage_backward`` runs the model's backward once per
+task batch into detached merged tensors, then sends ``<dL/dW, tau_k>`` to the coefficients in one batched pass, so
+the merge graph is walked once per step, not once per task (AdaMerging, https://arxiv.org/abs/2310.02575).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.pool import ExpertPool
+
+GRANULARITIES = ("task", "layer", "block", "chunk")
+PARAMETRIZATIONS = ("identity", "sigmoid")
+# A transformer block: "...layers.3.", "...layer.3.", "...h.3.", "...blocks.3.", "...block.3.".
+DEFAULT_BLOCK_PATTERN = r"^(.*?(?:layers?|h|blocks?)\.\d+)\."
+
+
+def group_layout(
+    names: Sequence[str],
+    granularity: str,
+    block_pattern: str = DEFAULT_BLOCK_PATTERN,
+    chunks: int | Mapping[str, int] = 1,
+) -> tuple[list[str], list[list[int]]]:
+    """Coefficient columns: their names, and for each merged tensor the list of columns it uses (one per chunk)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES} (config key: "
+                         "method.granularity)")
+    if granularity == "task":
+        return ["all"], [[0] for _ in names]
+    if granularity == "layer":
+        return list(names), [[i] for i in range(len(names))]
+    if granularity == "block":
+        keys = [block_key(n, block_pattern) for n in names]
+        groups = list(dict.fromkeys(keys))
+        return groups, [[groups.index(k)] for k in keys]
+    columns, layout = [], []
+    for name in names:
+        n = chunks.get(name, 1) if isinstance(chunks, Mapping) else chunks
+        if n < 1:
+            raise ValueError(f"chunk count for {name!r} is {n}; it must be >= 1 (config key: method.chunks)")
+        layout.append(list(range(len(columns), len(columns) + n)))
+        columns += [f"{name}#{c}" for c in range(n)] if n > 1 else [name]
+    return columns, layout
+
+
+def block_key(name: str, pattern: str = DEFAULT_BLOCK_PATTERN) -> str:
+    match = re.match(pattern, name)
+    return match.group(1) if match else name.rpartition(".")[0] or name
+
+
+class TensorBank(nn.Module):
+    """Named tensors (dots allowed) held as non-persistent buffers: they follow ``.to()``, stay out of checkpoints."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        super().__init__()
+        self.names = list(tensors)
+        for i, t in enumerate(tensors.values()):
+            self.register_buffer(f"t{i}", t, persistent=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return getattr(self, f"t{self.names.index(name)}")
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(n, getattr(self, f"t{i}")) for i, n in enumerate(self.names)]
+
+
+class Coefficients(nn.Module):
+    """The only trainable tensor: raw values [K, G] and their parametrisation (identity + clamp, or sigmoid)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_groups: int,
+        init: float | Sequence[float] | Tensor = 0.3,
+        parametrization: str = "identity",
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+    ):
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {PARAMETRIZATIONS} "
+                             "(config key: method.parametrization)")
+        self.parametrization = parametrization
+        self.clamp = tuple(clamp) if clamp is not None else None
+        values = expand_init(init, num_experts, num_groups)
+        if parametrization == "sigmoid":
+            if not ((values > 0) & (values < 1)).all():
+                raise ValueError("sigmoid coefficients need an init strictly inside (0, 1) (config key: method.init)")
+            values = torch.logit(values)
+        self.raw = nn.Parameter(values)
+
+    def forward(self) -> Tensor:
+        if self.parametrization == "sigmoid":
+            return torch.sigmoid(self.raw)
+        if self.clamp is not None:
+            # Clamp in the forward (the AdaMerging recipe): the gradient is zero for a coefficient held at a bound.
+            return self.raw.clamp(*self.clamp)
+        return self.raw
+
+    def assign(self, values: Tensor) -> None:
+        """Set the coefficients (not the raw values) in place, e.g. to reproduce a run."""
+        values = torch.as_tensor(values, dtype=self.raw.dtype)
+        if values.shape != self.raw.shape:
+            raise ValueError(f"coefficient tensor has shape {tuple(values.shape)}, expected {tuple(self.raw.shape)} "
+                             "(experts x groups)")
+        check_finite(values, "coefficients")
+        with torch.no_grad():
+            self.raw.copy_(torch.logit(values) if self.parametrization == "sigmoid" else values)
+
+
+def expand_init(init: float | Sequence[float] | Tensor, num_experts: int, num_groups: int) -> Tensor:
+    """A scalar, a per-expert vector [K] or a full [K, G] table -> a float32 [K, G] tensor."""
+    values = torch.as_tensor(init, dtype=torch.float32)
+    if values.dim() == 0:
+        return values.expand(num_experts, num_groups).clone()
+    if values.dim() == 1 and values.numel() == num_experts:
+        return values[:, None].expand(num_experts, num_groups).clone()
+    if values.shape == (num_experts, num_groups):
+        return values.clone()
+    raise ValueError(
+        f"coefficient init has shape {tuple(values.shape)}; give a scalar, one value per expert ({num_experts}) or "
+        f"a table of {num_experts} x {num_groups} (config key: method.init)"
+    )
+
+
+def check_finite(values: Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        bad = (~torch.isfinite(values)).nonzero()[:3].tolist()
+        raise FloatingPointError(f"{what} contain NaN/inf at indices {bad}; lower the learning rate or check the data")
+
+
+def merge_tensor(base: Tensor, tau: Tensor, lam: Tensor) -> Tensor:
+    """theta_0 + sum_k lam[k, c] tau[k] over the tensor's contiguous chunks c (flattened order). lam: [K, C]."""
+    if lam.shape[1] == 1:
+        delta = torch.tensordot(lam[:, 0].to(tau.dtype), tau, dims=1)  # (*shape)
+        return base + delta.to(base.dtype)
+    flat = tau.reshape(tau.shape[0], -1)  # (K, N)
+    parts = [torch.mv(piece.T, w.to(tau.dtype)) for piece, w in zip(flat.tensor_split(lam.shape[1], dim=1), lam.T)]
+    return base + torch.cat(parts).reshape(base.shape).to(base.dtype)
+
+
+class MergedModel(nn.Module):
+    """Frozen base + task-vector stacks + coefficients; ``forward`` runs the base architecture on theta(lam)."""
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        granularity: str = "layer",
+        init: float | Sequence[float] | Tensor = 0.3,
+        parametrization: str = "identity",
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        block_pattern: str = DEFAULT_BLOCK_PATTERN,
+        chunks: int | Mapping[str, int] = 1,
+    ):
+        super().__init__()
+        self.model = pool.model.requires_grad_(False)
+        self.experts = list(pool.experts)
+        self.names = list(pool.task_vectors)
+        self.granularity = granularity
+        self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
+        self.task_vectors = TensorBank(pool.task_vectors)
+        self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
+        self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def head(self, task: str) -> dict[str, Tensor]:
+        if task not in self.experts:
+            raise KeyError(f"no expert/head named {task!r}; tasks are {self.experts}")
+        return dict(self.heads[str(self.experts.index(task))].items())
+
+    def merged_tensors(self, lam: Tensor | None = None) -> dict[str, Tensor]:
+        """theta(lam) for every merged tensor, differentiable w.r.t. the coefficients."""
+        lam = self.coefficients() if lam is None else lam
+        base = dict(self.model.named_parameters())
+        return {
+            name: merge_tensor(base[name], tau, lam[:, cols])
+            for (name, tau), cols in zip(self.task_vectors.items(), self.layout)
+        }
+
+    def forward(self, *args, task: str | None = None, params: Mapping[str, Tensor] | None = None, **kwargs):
+        """Run the base architecture on merged tensors (``params``, default theta(lam)) with ``task``'s head."""
+        params = dict(self.merged_tensors() if params is None else params)
+        if task is not None:
+            params |= self.head(task)
+        return functional_call(self.model, params, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: str | None = None, params: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """A plain copy of the base architecture holding theta(lam) (and ``task``'s head): no adamerge needed."""
+        model = copy.deepcopy(self.model)
+        tensors = dict(self.merged_tensors() if params is None else params)
+        if task is not None:
+            tensors |= self.head(task)
+        for name, value in tensors.items():
+            assign_tensor(model, name, value.detach())
+        return model
+
+    def coefficient_table(self) -> dict[str, dict[str, float]]:
+        """expert -> group -> coefficient, for JSON export and plots."""
+        lam = self.coefficients().detach().cpu().tolist()
+        return {e: dict(zip(self.group_names, row)) for e, row in zip(self.experts, lam)}
+
+    def load_coefficient_table(self, table: Mapping[str, Mapping[str, float]]) -> None:
+        """Inverse of ``coefficient_table``; refuses tables for other experts or groups."""
+        if list(table) != self.experts:
+            raise ValueError(f"coefficients are for experts {list(table)}, this model merges {self.experts}")
+        rows = []
+        for expert in self.experts:
+            missing = set(self.group_names) - set(table[expert])
+            if missing:
+                raise ValueError(f"coefficients of {expert!r} lack {len(missing)} group(s), e.g. "
+                                 f"{sorted(missing)[:3]}; was the run made with another granularity?")
+            rows.append([table[expert][g] for g in self.group_names])
+        self.coefficients.assign(torch.tensor(rows))
+
+
+def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    """Replace ``model.<name>`` by ``value`` (shape may change, e.g. a head with another number of classes)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(attr, value.to(old.dtype).clone())
+    config = getattr(model, "config", None)
+    if old.shape != value.shape and hasattr(config, "num_labels") and value.dim() >= 1:
+        config.num_labels = value.shape[0]
+
+
+def two_stage_backward(
+    merged: Mapping[str, Tensor],
+    run: Callable[[Mapping[str, Tensor]], Iterable[Tensor]],
+    backward: Callable[[Tensor], None] = Tensor.backward,
+) -> list[Tensor]:
+    """Backpropagate task losses into the coefficients walking the merge graph once.
+
+    ``run(params)`` yields one loss per task batch, computed on ``params``; each is backpropagated at once (only one
+    task's activations live at a time) into detached copies of the merged tensors. Then one backward sends the
+    accumulated dL/dW through the merge: d L / d lam[k, g] = sum over tensors of <dL/dW, tau_k> in group g.
+    Returns the detached task losses.
+    """
+    leaves = {n: w.detach().requires_grad_() for n, w in merged.items()}
+    losses = []
+    for loss in run(leaves):
+        backward(loss)
+        losses.append(loss.detach())
+    pairs = [(merged[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
+    if pairs:
+        torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+    return losses
+
