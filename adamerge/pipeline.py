@@ -1,0 +1,123 @@
+"""One run, as a straight line of ``instantiate`` calls: pool -> (transform) -> merge or learn -> evaluate -> export.
+
+Every artifact goes into ``cfg.paths.output_dir`` (the Hydra run dir): results.csv/md, coefficients.json/png,
+the merged model, and Lightning checkpoints of the coefficients.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from adamerge.evaluate import constant_params, evaluate, reference_rows, summarize, to_markdown, write_results
+from adamerge.export import coefficients_record, export_model
+from adamerge.io import check_writable, write_json
+from adamerge.merging import MergedModel
+from adamerge.module import MergeModule
+from adamerge.plots import coefficient_heatmap
+from adamerge.static import static_merge, transform_pool
+
+log = logging.getLogger(__name__)
+
+
+def check_tasks(experts: list[str], tasks: list[str]) -> None:
+    """Every data task needs an expert (and its head), and every expert a task to calibrate on."""
+    if set(experts) != set(tasks):
+        raise ValueError(
+            f"tasks in data ({sorted(tasks)}) and experts ({sorted(experts)}) differ: without data "
+            f"{sorted(set(experts) - set(tasks))}, without expert {sorted(set(tasks) - set(experts))}; "
+            "name each data task after its expert (config keys: data.tasks, experts.experts)"
+        )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one merge as configured; returns the summary table rows."""
+    out_dir = check_writable(cfg.paths.output_dir)
+    torch.manual_seed(cfg.seed)
+    method = cfg.method
+    pool = instantiate(cfg.experts)
+    datamodule = instantiate(cfg.data, num_steps=method.get("steps", 0) or 0)
+    check_tasks(pool.experts, datamodule.task_names)
+    datamodule.setup("fit")
+    loaders = datamodule.eval_dataloaders()
+
+    rows = {}
+    if cfg.evaluate:
+        rows |= reference_rows(MergedModel(pool, granularity="task"), loaders, cfg.reference_lambda)
+    pool = transform_pool(pool, method.transform, seed=cfg.seed, **method.get("transform_kwargs", {}))
+
+    if method.learned:
+        merged, trainer = learn(cfg, pool, datamodule)
+        params = merged.merged_tensors()
+        record = coefficients_record(merged)
+        write_json(out_dir / "coefficients.json", record)
+        coefficient_heatmap(record["coefficients"], out_dir / "coefficients.png", title=method.name)
+        log_image(trainer, out_dir / "coefficients.png")
+    else:
+        merged = MergedModel(pool, granularity="task")
+        params = static_merge(pool, method.name, seed=cfg.seed, **method.get("kwargs", {}))
+        record = {"method": method.name, "kwargs": OmegaConf.to_container(method.get("kwargs", {}))}
+        trainer = None
+
+    table = []
+    if cfg.evaluate:
+        rows[method.name] = evaluate(merged, params, loaders)
+        table = summarize(rows)
+        write_results(table, out_dir)
+        log.info("results (%s):\n%s", out_dir, to_markdown(table))
+        log_results(trainer, table)
+    if cfg.export:
+        heads = {task: merged.head(task) for task in merged.experts}
+        export_model(merged.merge_and_unload(params=params), out_dir / "merged", heads, record,
+                     pool.base_source)
+    return {"table": table, "output_dir": str(out_dir), "coefficients": record}
+
+
+def learn(cfg: DictConfig, pool, datamodule):
+    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint)."""
+    import lightning as L
+
+    method = cfg.method
+    merged = MergedModel(pool, granularity=method.granularity, init=method.init,
+                         parametrization=method.parametrization,
+                         clamp=tuple(method.clamp) if method.clamp is not None else None,
+                         chunks=method.get("chunks", 1))
+    module = MergeModule(merged, instantiate(cfg.objective), instantiate(method.optimizer),
+                         instantiate(method.scheduler) if method.get("scheduler") else None,
+                         backward=method.backward)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last" and not Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists():
+        log.warning("ckpt_path=last but no checkpoint in %s/checkpoints: starting fresh", cfg.paths.output_dir)
+        ckpt_path = None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return merged, trainer
+
+
+def log_results(trainer, table: list[dict]) -> None:
+    """Send the results table to the run's loggers (metrics for all; a table for W&B)."""
+    if trainer is None or not trainer.loggers:
+        return
+    metrics = {f"results/{row['method']}/{k}": v for row in table for k, v in row.items() if isinstance(v, float)}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if hasattr(logger, "log_table"):
+            columns = list(dict.fromkeys(k for row in table for k in row))
+            logger.log_table("results", columns=columns, data=[[row.get(c) for c in columns] for row in table])
+        logger.save()
+
+
+def log_image(trainer, path: Path) -> None:
+    for logger in (trainer.loggers if trainer is not None else []):
+        if hasattr(logger, "log_image"):
+            logger.log_image("coefficients", [str(path)])
+        elif hasattr(getattr(logger, "experiment", None), "add_figure"):
+            import matplotlib.image as mpimg
+
+            logger.experiment.add_image("coefficients", mpimg.imread(path)[..., :3], dataformats="HWC")
