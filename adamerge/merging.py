@@ -185,6 +185,12 @@ class MergedModel(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def train(self, mode: bool = True) -> MergedModel:
+        """Only the coefficients train: the frozen base stays in eval mode (no dropout), so steps are deterministic."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     def head(self, task: str) -> dict[str, Tensor]:
         if task not in self.experts:
             raise KeyError(f"no expert/head named {task!r}; tasks are {self.experts}")

@@ -13,13 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.evaluate import constant_params, evaluate, reference_rows, summarize, to_markdown, write_results
+from adamerge.evaluate import evaluate, reference_rows, summarize, to_markdown, write_results
 from adamerge.export import coefficients_record, export_model
 from adamerge.io import check_writable, write_json
 from adamerge.merging import MergedModel
 from adamerge.module import MergeModule
 from adamerge.plots import coefficient_heatmap
-from adamerge.static import static_merge, transform_pool
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ def run(cfg: DictConfig) -> dict:
     rows = {}
     if cfg.evaluate:
         rows |= reference_rows(MergedModel(pool, granularity="task"), loaders, cfg.reference_lambda)
-    pool = transform_pool(pool, method.transform, seed=cfg.seed, **method.get("transform_kwargs", {}))
+    if method.get("transform"):
+        pool = instantiate(method.transform)(pool)
 
     if method.learned:
         merged, trainer = learn(cfg, pool, datamodule)
@@ -59,8 +59,8 @@ def run(cfg: DictConfig) -> dict:
         log_image(trainer, out_dir / "coefficients.png")
     else:
         merged = MergedModel(pool, granularity="task")
-        params = static_merge(pool, method.name, seed=cfg.seed, **method.get("kwargs", {}))
-        record = {"method": method.name, "kwargs": OmegaConf.to_container(method.get("kwargs", {}))}
+        params = instantiate(method.merge)(pool)
+        record = {"method": method.name, "merge": OmegaConf.to_container(method.merge, resolve=True)}
         trainer = None
 
     table = []

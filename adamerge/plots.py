@@ -19,7 +19,7 @@ def coefficient_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Pa
     groups = list(next(iter(table.values())))
     values = [[table[e][g] for g in groups] for e in experts]
     width = min(max(6.0, 0.12 * len(groups) + 3), 30.0)
-    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(experts)))
+    fig, ax = plt.subplots(figsize=(width, 2.8 + 0.4 * len(experts)))
     image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(experts)), experts)
     step = max(1, len(groups) // 40)

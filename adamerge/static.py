@@ -20,7 +20,7 @@ def static_merge(pool: ExpertPool, method: str, seed: int = 0, **kwargs) -> dict
 
 
 def transform_pool(pool: ExpertPool, transform: str, seed: int = 0, **kwargs) -> ExpertPool:
-    """A pool whose task vectors went through ``transform`` (e.g. TIES-processed for AdaMerging++)."""
+    """A pool whose task vectors went through a per-tensor kernel (e.g. TIES-processed for AdaMerging++)."""
     if transform == "none":
         return pool
     fn = get_transform(transform)

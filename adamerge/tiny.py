@@ -90,7 +90,7 @@ def pretrain(base: nn.Module, steps: int, seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def build(num_tasks: int = 3, seed: int = 0, steps: int = 80, pretrain_steps: int = 150):
+def build(num_tasks: int = 3, seed: int = 0, steps: int = 80, pretrain_steps: int = 150, lr: float = 3e-4):
     """(base model, {task: expert state dict}, {task: DatasetDict}) for the tiny experiment."""
     from transformers import BertForSequenceClassification
 
@@ -107,16 +107,17 @@ def build(num_tasks: int = 3, seed: int = 0, steps: int = 80, pretrain_steps: in
         torch.nn.init.normal_(model.classifier.weight, std=0.02, generator=torch.Generator().manual_seed(seed + k))
         fit(model, model.classifier.parameters(), train, 3 * steps, lr=3e-2, seed=seed + k)  # probe, frozen base
         backbone = [p for n, p in model.named_parameters() if not n.startswith("classifier")]
-        fit(model, backbone, train, steps, lr=1e-3, seed=seed + k)  # fine-tune with the head frozen
+        fit(model, backbone, train, steps, lr=lr, seed=seed + k)  # fine-tune with the head frozen
         experts[name] = {n: t.detach().clone() for n, t in model.state_dict().items()}
     return base, experts, tasks
 
 
-def tiny_pool(num_tasks: int = 3, seed: int = 0, steps: int = 80, **pool_kwargs) -> ExpertPool:
-    base, experts, _ = build(num_tasks, seed, steps)
+def tiny_pool(num_tasks: int = 3, seed: int = 0, steps: int = 80, lr: float = 3e-4, **pool_kwargs) -> ExpertPool:
+    base, experts, _ = build(num_tasks, seed, steps, lr=lr)
     return make_pool(copy.deepcopy(base), experts, base_source=None, **pool_kwargs)
 
 
-def tiny_datamodule(num_tasks: int = 3, seed: int = 0, steps: int = 80, **datamodule_kwargs) -> MergeDataModule:
-    _, _, tasks = build(num_tasks, seed, steps)
+def tiny_datamodule(num_tasks: int = 3, seed: int = 0, steps: int = 80, lr: float = 3e-4,
+                    **datamodule_kwargs) -> MergeDataModule:
+    _, _, tasks = build(num_tasks, seed, steps, lr=lr)
     return MergeDataModule(tasks=tasks, seed=seed, **datamodule_kwargs)
