@@ -1,0 +1,51 @@
+"""Small real text-classification tasks shipped with adamerge, for offline demos, benchmarks and slow tests.
+
+Each task is ``<name>.jsonl.gz`` in :data:`TEXT_TASKS_DIR` (rows ``{"text", "label", "split"}``) with its class names
+in ``tasks.json``; ``PROVENANCE.md`` beside them gives sources and licences. ``scripts/build_text_tasks.py`` builds
+them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import datasets
+
+TEXT_TASKS_DIR = Path(__file__).resolve().parent / "assets" / "text_tasks"
+SPLITS = ("train", "calib", "test")
+
+
+def _index(data_dir: Path) -> dict[str, dict]:
+    path = Path(data_dir) / "tasks.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def available_tasks(data_dir: str | Path | None = None) -> list[str]:
+    """Names of the tasks in ``data_dir`` (default: the shipped ones), sorted."""
+    return sorted(_index(Path(data_dir or TEXT_TASKS_DIR)))
+
+
+def load_task(name: str, data_dir: str | Path | None = None) -> datasets.DatasetDict:
+    """One task as a ``DatasetDict`` with splits train/calib/test and columns ``text`` and ``label`` (ClassLabel).
+
+    Args:
+        name: a task from :func:`available_tasks`.
+        data_dir: folder holding ``tasks.json`` and the task files; default :data:`TEXT_TASKS_DIR`. Point it at a
+            folder built with ``scripts/build_text_tasks.py --out`` for tasks that are not shipped (``bbc_news``).
+    """
+    data_dir = Path(data_dir or TEXT_TASKS_DIR)
+    index = _index(data_dir)
+    if name not in index:
+        raise ValueError(f"unknown text task {name!r}; available in {data_dir}: {', '.join(sorted(index)) or 'none'}")
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=index[name]["classes"])}
+    )
+    columns: dict[str, dict[str, list]] = {s: {"text": [], "label": []} for s in SPLITS}
+    with gzip.open(data_dir / f"{name}.jsonl.gz", "rt", encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            columns[row["split"]]["text"].append(row["text"])
+            columns[row["split"]]["label"].append(row["label"])
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(columns[s], features=features) for s in SPLITS})
