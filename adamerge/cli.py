@@ -1,8 +1,8 @@
 """The ``adamerge`` command: a Hydra app over ``conf/`` (shipped in the package as ``adamerge.conf``).
 
-    adamerge experiment=tiny                       # tiny experts + synthetic data, < 1 min on CPU
-    adamerge experiment=tiny method=ties           # a static merge
-    adamerge --multirun experiment=tiny method=adamerging,adamerging_task
+adamerge experiment=tiny                       # tiny experts + synthetic data, < 1 min on CPU
+adamerge experiment=tiny method=ties           # a static merge
+adamerge --multirun experiment=tiny method=adamerging,adamerging_task
 """
 
 from __future__ import annotations

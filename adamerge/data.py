@@ -35,8 +35,10 @@ def load_split(source, split: str, task: str):
         path = spec.pop("path")
         source = datasets.load_from_disk(path) if _is_saved_dataset(path) else datasets.load_dataset(path, **spec)
     if split not in source:
-        raise DataError(f"task {task!r}: dataset has no split {split!r} (it has {sorted(source)}); "
-                        "fix data.calib_split / data.eval_split")
+        raise DataError(
+            f"task {task!r}: dataset has no split {split!r} (it has {sorted(source)}); "
+            "fix data.calib_split / data.eval_split"
+        )
     return source[split]
 
 
@@ -46,24 +48,39 @@ def _is_saved_dataset(path: str) -> bool:
     return (Path(path) / "dataset_dict.json").exists() or (Path(path) / "state.json").exists()
 
 
-def featurize(dataset, task: str, tokenizer=None, processor=None, text_column: str = "text",
-              image_column: str = "image", max_length: int = 128):
+def featurize(
+    dataset,
+    task: str,
+    tokenizer=None,
+    processor=None,
+    text_column: str = "text",
+    image_column: str = "image",
+    max_length: int = 128,
+):
     """Tokenize text or process images once; datasets that already hold model inputs pass through."""
     columns = set(dataset.column_names)
     if columns & set(MODEL_INPUTS):
         return dataset
     if tokenizer is not None:
         if text_column not in columns:
-            raise DataError(f"task {task!r}: no text column {text_column!r} (columns: {sorted(columns)}); "
-                            "set data.text_column")
-        return dataset.map(lambda b: tokenizer(b[text_column], truncation=True, max_length=max_length),
-                           batched=True, remove_columns=[text_column])
+            raise DataError(
+                f"task {task!r}: no text column {text_column!r} (columns: {sorted(columns)}); set data.text_column"
+            )
+        return dataset.map(
+            lambda b: tokenizer(b[text_column], truncation=True, max_length=max_length),
+            batched=True,
+            remove_columns=[text_column],
+        )
     if processor is not None:
         if image_column not in columns:
-            raise DataError(f"task {task!r}: no image column {image_column!r} (columns: {sorted(columns)}); "
-                            "set data.image_column")
-        return dataset.map(lambda b: processor(images=b[image_column], return_tensors="np"), batched=True,
-                           remove_columns=[image_column])
+            raise DataError(
+                f"task {task!r}: no image column {image_column!r} (columns: {sorted(columns)}); set data.image_column"
+            )
+        return dataset.map(
+            lambda b: processor(images=b[image_column], return_tensors="np"),
+            batched=True,
+            remove_columns=[image_column],
+        )
     raise DataError(f"task {task!r}: raw data but no tokenizer or processor; set data.tokenizer or data.processor")
 
 
@@ -74,8 +91,10 @@ def collate(rows: Sequence[Mapping], keys: Sequence[str], pad_id: int = 0) -> di
         values = [torch.as_tensor(r[key]) for r in rows]
         if values[0].dim() == 1 and len({v.shape[0] for v in values}) > 1:
             fill = 0 if key != "input_ids" else pad_id
-            values = [torch.nn.functional.pad(v, (0, max(x.shape[0] for x in values) - v.shape[0]), value=fill)
-                      for v in values]
+            values = [
+                torch.nn.functional.pad(v, (0, max(x.shape[0] for x in values) - v.shape[0]), value=fill)
+                for v in values
+            ]
         out[key] = torch.stack(values)
     return out
 
@@ -94,8 +113,9 @@ class StepBatches(Dataset):
     @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of permutations per run
     def permutation(self, task_index: int, epoch: int) -> torch.Tensor:
         n = len(self.tasks[list(self.tasks)[task_index]])
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + task_index * 7919
-                                                                         + epoch))
+        return torch.randperm(
+            n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + task_index * 7919 + epoch)
+        )
 
     def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
         step = self.start + i
@@ -173,16 +193,19 @@ class MergeDataModule(L.LightningDataModule):
             self.calib[task] = calib.remove_columns([c for c in calib.column_names if c == self.label_column])
             evaluation = load_split(source, self.eval_split, task)
             if self.label_column not in evaluation.column_names:
-                raise DataError(f"task {task!r}: evaluation split {self.eval_split!r} has no label column "
-                                f"{self.label_column!r} (columns: {evaluation.column_names}); set data.label_column")
+                raise DataError(
+                    f"task {task!r}: evaluation split {self.eval_split!r} has no label column "
+                    f"{self.label_column!r} (columns: {evaluation.column_names}); set data.label_column"
+                )
             self.eval[task] = self._prepare(evaluation, task, self.max_eval)
         log.info("data: %s", {t: (len(self.calib[t]), len(self.eval[t])) for t in self.calib})
 
     def _prepare(self, dataset, task: str, cap: int | None):
         if cap is not None and len(dataset) > cap:
             dataset = dataset.shuffle(seed=self.seed).select(range(cap))
-        return featurize(dataset, task, self.tokenizer, self.processor, self.text_column, self.image_column,
-                         self.max_length)
+        return featurize(
+            dataset, task, self.tokenizer, self.processor, self.text_column, self.image_column, self.max_length
+        )
 
     def train_dataloader(self) -> DataLoader:
         # Resume: the trainer restored global_step before asking for data, so start the stream there.

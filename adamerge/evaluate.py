@@ -36,9 +36,11 @@ def accuracy(merged: MergedModel, params: Mapping[str, Tensor], loader: DataLoad
         labels = batch.pop("labels")
         logits = logits_of(merged(**batch, task=task, params=params))
         if labels.max() >= logits.shape[-1] or labels.min() < 0:
-            raise ValueError(f"task {task!r}: labels reach {labels.max().item()} but its head has "
-                             f"{logits.shape[-1]} classes; the eval data does not belong to this head "
-                             "(check data.tasks against experts)")
+            raise ValueError(
+                f"task {task!r}: labels reach {labels.max().item()} but its head has "
+                f"{logits.shape[-1]} classes; the eval data does not belong to this head "
+                "(check data.tasks against experts)"
+            )
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
     return correct / max(total, 1)
@@ -74,7 +76,8 @@ def reference_rows(
         expert_row[task] = evaluate(merged, constant_params(merged, one_hot), {task: loaders[task]})[task]
     rows[EXPERT] = expert_row
     rows[f"task arithmetic (lam={task_arithmetic:g})"] = evaluate(
-        merged, constant_params(merged, task_arithmetic), loaders)
+        merged, constant_params(merged, task_arithmetic), loaders
+    )
     return rows
 
 

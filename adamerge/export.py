@@ -39,8 +39,10 @@ def save_coefficients(merged: MergedModel, path: str | Path) -> Path:
 def load_coefficients(merged: MergedModel, path: str | Path) -> None:
     record = json.loads(Path(path).read_text())
     if record.get("granularity") != merged.granularity:
-        raise ValueError(f"{path} holds {record.get('granularity')!r} coefficients but the model is "
-                         f"{merged.granularity!r}-wise; set method.granularity={record.get('granularity')}")
+        raise ValueError(
+            f"{path} holds {record.get('granularity')!r} coefficients but the model is "
+            f"{merged.granularity!r}-wise; set method.granularity={record.get('granularity')}"
+        )
     merged.load_coefficient_table(record["coefficients"])
 
 
@@ -79,8 +81,10 @@ def export_model(
         for task, tensors in (heads or {}).items():
             if tensors:
                 (tmp / "heads").mkdir(exist_ok=True)
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "heads" /
-                                                                                               f"{task}.safetensors"))
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                    str(tmp / "heads" / f"{task}.safetensors"),
+                )
         if record is not None:
             write_json(tmp / "coefficients.json", record)
     log.info("exported merged model to %s", out_dir)

@@ -19,8 +19,10 @@ def check_writable(directory: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=directory):
             pass
     except OSError as err:
-        raise PermissionError(f"output directory {directory} is not writable ({err.strerror}); choose another one "
-                              "(config key: hydra.run.dir or paths.output_dir)") from err
+        raise PermissionError(
+            f"output directory {directory} is not writable ({err.strerror}); choose another one "
+            "(config key: hydra.run.dir or paths.output_dir)"
+        ) from err
     return directory
 
 

@@ -54,12 +54,16 @@ class LoraAdapter:
         if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"expert {expert!r}: adapter type {config.get('peft_type')!r} is not LoRA")
         if config.get("use_dora"):
-            raise AdapterError(f"expert {expert!r}: DoRA adapters are not linear in (A, B); merge_and_unload() "
-                               "the adapter and give the resulting folder as the expert")
+            raise AdapterError(
+                f"expert {expert!r}: DoRA adapters are not linear in (A, B); merge_and_unload() "
+                "the adapter and give the resulting folder as the expert"
+            )
         weights_file = path / "adapter_model.safetensors"
         if not weights_file.exists():
-            raise AdapterError(f"expert {expert!r}: {weights_file} is missing; save the adapter with "
-                               "save_pretrained(safe_serialization=True)")
+            raise AdapterError(
+                f"expert {expert!r}: {weights_file} is missing; save the adapter with "
+                "save_pretrained(safe_serialization=True)"
+            )
         return cls.from_state_dict(load_file(str(weights_file)), config, expert)
 
     @classmethod
@@ -115,4 +119,3 @@ def lora_scale(module: str, rank: int, config: dict) -> float:
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
-

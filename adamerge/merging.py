@@ -40,8 +40,9 @@ def group_layout(
 ) -> tuple[list[str], list[list[int]]]:
     """Coefficient columns: their names, and for each merged tensor the list of columns it uses (one per chunk)."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES} (config key: "
-                         "method.granularity)")
+        raise ValueError(
+            f"unknown granularity {granularity!r}; choose one of {GRANULARITIES} (config key: method.granularity)"
+        )
     if granularity == "task":
         return ["all"], [[0] for _ in names]
     if granularity == "layer":
@@ -97,8 +98,10 @@ class Coefficients(nn.Module):
     ):
         super().__init__()
         if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {PARAMETRIZATIONS} "
-                             "(config key: method.parametrization)")
+            raise ValueError(
+                f"unknown parametrization {parametrization!r}; choose one of {PARAMETRIZATIONS} "
+                "(config key: method.parametrization)"
+            )
         self.parametrization = parametrization
         self.clamp = tuple(clamp) if clamp is not None else None
         values = expand_init(init, num_experts, num_groups)
@@ -120,8 +123,10 @@ class Coefficients(nn.Module):
         """Set the coefficients (not the raw values) in place, e.g. to reproduce a run."""
         values = torch.as_tensor(values, dtype=self.raw.dtype)
         if values.shape != self.raw.shape:
-            raise ValueError(f"coefficient tensor has shape {tuple(values.shape)}, expected {tuple(self.raw.shape)} "
-                             "(experts x groups)")
+            raise ValueError(
+                f"coefficient tensor has shape {tuple(values.shape)}, expected {tuple(self.raw.shape)} "
+                "(experts x groups)"
+            )
         check_finite(values, "coefficients")
         with torch.no_grad():
             self.raw.copy_(torch.logit(values) if self.parametrization == "sigmoid" else values)
@@ -236,8 +241,10 @@ class MergedModel(nn.Module):
         for expert in self.experts:
             missing = set(self.group_names) - set(table[expert])
             if missing:
-                raise ValueError(f"coefficients of {expert!r} lack {len(missing)} group(s), e.g. "
-                                 f"{sorted(missing)[:3]}; was the run made with another granularity?")
+                raise ValueError(
+                    f"coefficients of {expert!r} lack {len(missing)} group(s), e.g. "
+                    f"{sorted(missing)[:3]}; was the run made with another granularity?"
+                )
             rows.append([table[expert][g] for g in self.group_names])
         self.coefficients.assign(torch.tensor(rows))
 
@@ -277,4 +284,3 @@ def two_stage_backward(
     if pairs:
         torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
     return losses
-

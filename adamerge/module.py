@@ -41,8 +41,9 @@ class MergeModule(L.LightningModule):
     ):
         super().__init__()
         if backward not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward mode {backward!r}; choose one of {BACKWARD_MODES} "
-                             "(config key: method.backward)")
+            raise ValueError(
+                f"unknown backward mode {backward!r}; choose one of {BACKWARD_MODES} (config key: method.backward)"
+            )
         self.merged = merged
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -55,8 +56,10 @@ class MergeModule(L.LightningModule):
         optimizer = self.optimizer_factory([self.merged.coefficients.raw])
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                         "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def task_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> Iterator[Tensor]:
         for task, inputs in batch.items():
@@ -86,8 +89,14 @@ class MergeModule(L.LightningModule):
         check_finite(lam, f"coefficients after step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss/{task}": value for task, value in zip(batch, losses)})
-        self.log_dict({"coef/mean": lam.mean(), "coef/std": lam.std() if lam.numel() > 1 else lam.new_zeros(()),
-                       "coef/min": lam.min(), "coef/max": lam.max()})
+        self.log_dict(
+            {
+                "coef/mean": lam.mean(),
+                "coef/std": lam.std() if lam.numel() > 1 else lam.new_zeros(()),
+                "coef/min": lam.min(),
+                "coef/max": lam.max(),
+            }
+        )
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -72,8 +72,7 @@ def run(cfg: DictConfig) -> dict:
         log_results(trainer, table)
     if cfg.export:
         heads = {task: merged.head(task) for task in merged.experts}
-        export_model(merged.merge_and_unload(params=params), out_dir / "merged", heads, record,
-                     pool.base_source)
+        export_model(merged.merge_and_unload(params=params), out_dir / "merged", heads, record, pool.base_source)
     return {"table": table, "output_dir": str(out_dir), "coefficients": record}
 
 
@@ -82,13 +81,21 @@ def learn(cfg: DictConfig, pool, datamodule):
     import lightning as L
 
     method = cfg.method
-    merged = MergedModel(pool, granularity=method.granularity, init=method.init,
-                         parametrization=method.parametrization,
-                         clamp=tuple(method.clamp) if method.clamp is not None else None,
-                         chunks=method.get("chunks", 1))
-    module = MergeModule(merged, instantiate(cfg.objective), instantiate(method.optimizer),
-                         instantiate(method.scheduler) if method.get("scheduler") else None,
-                         backward=method.backward)
+    merged = MergedModel(
+        pool,
+        granularity=method.granularity,
+        init=method.init,
+        parametrization=method.parametrization,
+        clamp=tuple(method.clamp) if method.clamp is not None else None,
+        chunks=method.get("chunks", 1),
+    )
+    module = MergeModule(
+        merged,
+        instantiate(cfg.objective),
+        instantiate(method.optimizer),
+        instantiate(method.scheduler) if method.get("scheduler") else None,
+        backward=method.backward,
+    )
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -114,7 +121,7 @@ def log_results(trainer, table: list[dict]) -> None:
 
 
 def log_image(trainer, path: Path) -> None:
-    for logger in (trainer.loggers if trainer is not None else []):
+    for logger in trainer.loggers if trainer is not None else []:
         if hasattr(logger, "log_image"):
             logger.log_image("coefficients", [str(path)])
         elif hasattr(getattr(logger, "experiment", None), "add_figure"):

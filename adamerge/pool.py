@@ -26,8 +26,15 @@ from adamerge.lora import LoraAdapter
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD_PATTERNS = ("classifier.*", "score.*")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 class PoolError(ValueError):
@@ -138,8 +145,9 @@ class LoraReader(TensorReader):
         keys = set(base_state)
         # An adapter trained on a head-carrying class (bert.encoder...) fits a bare base (encoder...) and back.
         adapter.modules = {align_key(n, keys, prefix) or n: f for n, f in adapter.modules.items()}
-        adapter.extra_tensors = {n.removeprefix(f"{prefix}.") if prefix else n: t
-                                 for n, t in adapter.extra_tensors.items()}
+        adapter.extra_tensors = {
+            n.removeprefix(f"{prefix}.") if prefix else n: t for n, t in adapter.extra_tensors.items()
+        }
         adapter.check_against(base_state)
         self.adapter = adapter
         self.base_state = base_state
@@ -206,8 +214,10 @@ def open_reader(
 
         log.warning("expert %r has no safetensors weights; loading it whole with from_pretrained", name)
         return StateDictReader(AutoModel.from_pretrained(path).state_dict())
-    raise PoolError(f"expert {name!r}: cannot read weights from {path}; give a model folder, a .safetensors file "
-                    "or a PEFT adapter folder")
+    raise PoolError(
+        f"expert {name!r}: cannot read weights from {path}; give a model folder, a .safetensors file "
+        "or a PEFT adapter folder"
+    )
 
 
 def check_architecture(name: str, path: Path, base_config: object | None) -> None:
@@ -260,8 +270,10 @@ def build_task_vectors(
                 )
             value = readers[expert].get(key)
             if not value.is_floating_point():
-                raise PoolError(f"expert {expert!r}: tensor {name!r} is {value.dtype}, not floating point; "
-                                "exclude it (experts.exclude)")
+                raise PoolError(
+                    f"expert {expert!r}: tensor {name!r} is {value.dtype}, not floating point; "
+                    "exclude it (experts.exclude)"
+                )
             if value.shape != base.shape:
                 raise PoolError(
                     f"expert {expert!r}: tensor {name!r} has shape {tuple(value.shape)} but the base has "
@@ -330,8 +342,12 @@ def make_pool(
     names = select_merged_names(base_state, include, exclude, head_patterns)
     task_vectors = build_task_vectors(base_state, readers, names, resolve_dtype(dtype), device, prefix)
     heads = collect_heads(readers, head_patterns, prefix)
-    log.info("pool: %d experts, %d merged tensors (%.1fM parameters each)", len(readers), len(names),
-             sum(t[0].numel() for t in task_vectors.values()) / 1e6)
+    log.info(
+        "pool: %d experts, %d merged tensors (%.1fM parameters each)",
+        len(readers),
+        len(names),
+        sum(t[0].numel() for t in task_vectors.values()) / 1e6,
+    )
     return ExpertPool(model.to(device), list(readers), task_vectors, heads, base_source)
 
 
@@ -357,5 +373,6 @@ def import_object(path: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {path!r} ({err}); fix the class path (config key: experts.model_class)") from err
-
+        raise ValueError(
+            f"cannot import {path!r} ({err}); fix the class path (config key: experts.model_class)"
+        ) from err

@@ -22,9 +22,17 @@ VOCAB, SEQ_LEN, FIRST_FILLER = 48, 12, 16
 def tiny_config(num_labels: int = 2):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=SEQ_LEN + 4, num_labels=num_labels,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ_LEN + 4,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def task_examples(task: int, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -48,9 +56,13 @@ def task_dataset(task: int, seed: int, sizes: dict[str, int]):
     splits = {}
     for split, n in sizes.items():
         ex = task_examples(task, n, g)
-        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
-                                      "attention_mask": datasets.Sequence(datasets.Value("int64")),
-                                      "label": datasets.ClassLabel(names=["absent", "present"])})
+        features = datasets.Features(
+            {
+                "input_ids": datasets.Sequence(datasets.Value("int64")),
+                "attention_mask": datasets.Sequence(datasets.Value("int64")),
+                "label": datasets.ClassLabel(names=["absent", "present"]),
+            }
+        )
         splits[split] = datasets.Dataset.from_dict({k: v.tolist() for k, v in ex.items()}, features=features)
     return datasets.DatasetDict(splits)
 
@@ -62,8 +74,9 @@ def fit(model: nn.Module, params, data: dict[str, torch.Tensor], steps: int, lr:
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(data["label"]), (32,), generator=g)
-        out = model(input_ids=data["input_ids"][idx], attention_mask=data["attention_mask"][idx],
-                    labels=data["label"][idx])
+        out = model(
+            input_ids=data["input_ids"][idx], attention_mask=data["attention_mask"][idx], labels=data["label"][idx]
+        )
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -117,7 +130,8 @@ def tiny_pool(num_tasks: int = 3, seed: int = 0, steps: int = 80, lr: float = 3e
     return make_pool(copy.deepcopy(base), experts, base_source=None, **pool_kwargs)
 
 
-def tiny_datamodule(num_tasks: int = 3, seed: int = 0, steps: int = 80, lr: float = 3e-4,
-                    **datamodule_kwargs) -> MergeDataModule:
+def tiny_datamodule(
+    num_tasks: int = 3, seed: int = 0, steps: int = 80, lr: float = 3e-4, **datamodule_kwargs
+) -> MergeDataModule:
     _, _, tasks = build(num_tasks, seed, steps, lr=lr)
     return MergeDataModule(tasks=tasks, seed=seed, **datamodule_kwargs)

@@ -10,16 +10,25 @@ NUM_LABELS = 3
 
 
 def tiny_bert_config(**overrides) -> BertConfig:
-    kwargs = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                  max_position_embeddings=16, num_labels=NUM_LABELS)
+    kwargs = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=NUM_LABELS,
+    )
     return BertConfig(**(kwargs | overrides))
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """An 'expert': every floating tensor moved by seeded noise."""
     g = torch.Generator().manual_seed(seed)
-    return {n: t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point() else t.clone()
-            for n, t in model.state_dict().items()}
+    return {
+        n: t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point() else t.clone()
+        for n, t in model.state_dict().items()
+    }
 
 
 @pytest.fixture
@@ -38,4 +47,7 @@ def batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
     # Token 0 is BERT's padding_idx, whose embedding row gets no gradient by design: keep it out of the batch so
     # that finite differences and autograd measure the same function.
-    return {"input_ids": torch.randint(1, 40, (4, 8), generator=g), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(1, 40, (4, 8), generator=g),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+    }

@@ -9,10 +9,14 @@ from adamerge.pool import make_pool
 
 
 def toy_task(n_calib=6, n_test=4, labels=True):
-    rows = lambda n: {"input_ids": [[1, 2, 3, i % 5 + 4] for i in range(n)],  # noqa: E731
-                      "attention_mask": [[1, 1, 1, 1]] * n, **({"label": [i % 3 for i in range(n)]} if labels else {})}
-    return datasets.DatasetDict({"calib": datasets.Dataset.from_dict(rows(n_calib)),
-                                 "test": datasets.Dataset.from_dict(rows(n_test))})
+    rows = lambda n: {
+        "input_ids": [[1, 2, 3, i % 5 + 4] for i in range(n)],  # noqa: E731
+        "attention_mask": [[1, 1, 1, 1]] * n,
+        **({"label": [i % 3 for i in range(n)]} if labels else {}),
+    }
+    return datasets.DatasetDict(
+        {"calib": datasets.Dataset.from_dict(rows(n_calib)), "test": datasets.Dataset.from_dict(rows(n_test))}
+    )
 
 
 def test_training_batches_have_no_labels_and_depend_only_on_the_step():
@@ -32,8 +36,9 @@ def test_bad_data_is_named():
         MergeDataModule({"a": toy_task(n_calib=0)}).setup()
     with pytest.raises(DataError, match="no label column 'label'.*data.label_column"):
         MergeDataModule({"a": toy_task(labels=False)}).setup()
-    raw = datasets.DatasetDict({s: datasets.Dataset.from_dict({"sentence": ["hi"], "label": [0]})
-                                for s in ("calib", "test")})
+    raw = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict({"sentence": ["hi"], "label": [0]}) for s in ("calib", "test")}
+    )
     with pytest.raises(DataError, match="no text column 'text'.*data.text_column"):
         MergeDataModule({"a": raw}, tokenizer=object()).setup()
     with pytest.raises(DataError, match="no tasks"):

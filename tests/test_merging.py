@@ -38,8 +38,9 @@ def test_gradient_matches_finite_differences(granularity, expert_states, batch):
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification(tiny_bert_config()).double().eval()
-    experts = {k: {n: t.double() if t.is_floating_point() else t for n, t in s.items()} for k, s in
-               expert_states.items()}
+    experts = {
+        k: {n: t.double() if t.is_floating_point() else t for n, t in s.items()} for k, s in expert_states.items()
+    }
     pool = make_pool(model, experts, dtype="float64")
     merged = MergedModel(pool, granularity=granularity, init=0.3, clamp=None, chunks=2)
     merged.coefficients.double()

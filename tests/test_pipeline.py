@@ -24,8 +24,16 @@ def coefficients(path):
 
 def test_tiny_run_writes_every_artifact_and_beats_task_arithmetic(tmp_path):
     result = run(make_cfg(tmp_path))
-    for name in ["results.csv", "results.md", "coefficients.json", "coefficients.png", "checkpoints/last.ckpt",
-                 "merged/model/config.json", "merged/model/model.safetensors", "merged/heads/marker0.safetensors"]:
+    for name in [
+        "results.csv",
+        "results.md",
+        "coefficients.json",
+        "coefficients.png",
+        "checkpoints/last.ckpt",
+        "merged/model/config.json",
+        "merged/model/model.safetensors",
+        "merged/heads/marker0.safetensors",
+    ]:
         assert (tmp_path / name).exists(), name
     rows = {row["method"]: row for row in result["table"]}
     assert rows["adamerging"]["avg"] >= rows["task arithmetic (lam=0.3)"]["avg"]
@@ -81,9 +89,19 @@ def test_unwritable_output_dir(tmp_path):
 @pytest.mark.slow
 def test_cli_multirun_sweep(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "adamerge.cli", "--multirun", "experiment=tiny", "debug=fast",
-         "method=adamerging,task_arithmetic", f"hydra.sweep.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "adamerge.cli",
+            "--multirun",
+            "experiment=tiny",
+            "debug=fast",
+            "method=adamerging,task_arithmetic",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(tmp_path.glob("*/results.csv"))) == 2

@@ -34,7 +34,9 @@ def test_folders_give_the_same_pool_as_state_dicts(tmp_path, base_model, expert_
         torch.testing.assert_close(from_disk.task_vectors[name], tau)
     # heads are per expert, never merged
     assert not any(n.startswith("classifier") for n in from_disk.task_vectors)
-    torch.testing.assert_close(from_disk.heads["task1"]["classifier.weight"], expert_states["task1"]["classifier.weight"])
+    torch.testing.assert_close(
+        from_disk.heads["task1"]["classifier.weight"], expert_states["task1"]["classifier.weight"]
+    )
 
 
 def test_safetensors_file_expert_and_bf16_stacks(tmp_path, base_model, expert_states):
@@ -43,7 +45,8 @@ def test_safetensors_file_expert_and_bf16_stacks(tmp_path, base_model, expert_st
     tau = pool.task_vectors["bert.encoder.layer.0.attention.self.query.weight"]
     assert tau.dtype == torch.bfloat16
     expected = expert_states["task0"]["bert.encoder.layer.0.attention.self.query.weight"] - base_model.get_parameter(
-        "bert.encoder.layer.0.attention.self.query.weight")
+        "bert.encoder.layer.0.attention.self.query.weight"
+    )
     torch.testing.assert_close(tau[0].float(), expected, atol=2e-3, rtol=1e-2)
 
 
@@ -61,8 +64,14 @@ def test_lora_task_vector_equals_merge_and_unload_minus_base(tmp_path, base_mode
     torch.manual_seed(1)
     peft_model = get_peft_model(
         copy.deepcopy(base_model),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=use_rslora,
-                   modules_to_save=["classifier"], init_lora_weights=False),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            use_rslora=use_rslora,
+            modules_to_save=["classifier"],
+            init_lora_weights=False,
+        ),
     )
     peft_model.save_pretrained(tmp_path / "adapter")
     dense = peft_model.merge_and_unload()
@@ -78,14 +87,17 @@ def test_lora_with_fan_in_fan_out_gpt2(tmp_path):
     torch.manual_seed(0)
     config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16)
     base = GPT2LMHeadModel(config).eval()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     dense = peft_model.merge_and_unload()
     pool = make_pool(base, {"lora": str(tmp_path / "adapter")})
     name = "transformer.h.0.attn.c_attn.weight"
-    torch.testing.assert_close(pool.task_vectors[name][0], dense.get_parameter(name) - base.get_parameter(name),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pool.task_vectors[name][0], dense.get_parameter(name) - base.get_parameter(name), atol=1e-6, rtol=0
+    )
 
 
 def test_shape_mismatch_names_expert_and_tensor(base_model, expert_states):
