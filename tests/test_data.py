@@ -9,11 +9,13 @@ from adamerge.pool import make_pool
 
 
 def toy_task(n_calib=6, n_test=4, labels=True):
-    rows = lambda n: {
-        "input_ids": [[1, 2, 3, i % 5 + 4] for i in range(n)],  # noqa: E731
-        "attention_mask": [[1, 1, 1, 1]] * n,
-        **({"label": [i % 3 for i in range(n)]} if labels else {}),
-    }
+    def rows(n):
+        return {
+            "input_ids": [[1, 2, 3, i % 5 + 4] for i in range(n)],
+            "attention_mask": [[1, 1, 1, 1]] * n,
+            **({"label": [i % 3 for i in range(n)]} if labels else {}),
+        }
+
     return datasets.DatasetDict(
         {"calib": datasets.Dataset.from_dict(rows(n_calib)), "test": datasets.Dataset.from_dict(rows(n_test))}
     )
