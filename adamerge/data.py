@@ -18,6 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+# Batch keys that start with "_" are metadata for the objective (e.g. "_index": the calibration sample indices that
+# key cached teacher targets), never passed to the model.
+META_PREFIX = "_"
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """The part of a batch the model takes (metadata keys dropped)."""
+    return {k: v for k, v in batch.items() if not k.startswith(META_PREFIX)}
 
 
 class DataError(ValueError):
@@ -125,6 +133,7 @@ class StepBatches(Dataset):
             positions = range(step * self.batch_size, (step + 1) * self.batch_size)
             idx = [int(self.permutation(t_idx, p // n)[p % n]) for p in positions]
             out[task] = collate([ds[j] for j in idx], self.keys[task], self.pad_id)
+            out[task]["_index"] = torch.tensor(idx)
         return out
 
 

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from adamerge.data import model_inputs
 from adamerge.merging import MergedModel, check_finite, two_stage_backward
 
 BACKWARD_MODES = ("auto", "split", "joint")
@@ -63,7 +64,7 @@ class MergeModule(L.LightningModule):
 
     def task_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> Iterator[Tensor]:
         for task, inputs in batch.items():
-            yield self.objective(self.merged(**inputs, task=task, params=params), task, inputs)
+            yield self.objective(self.merged(**model_inputs(inputs), task=task, params=params), task, inputs)
 
     def training_step(self, batch: Mapping[str, Mapping[str, Tensor]], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()

@@ -25,7 +25,8 @@ def test_training_batches_have_no_labels_and_depend_only_on_the_step():
     dm = MergeDataModule({"a": toy_task(), "b": toy_task()}, batch_size=4, num_steps=5)
     dm.setup()
     batches = StepBatches(dm.calib, 4, 5, seed=0)
-    assert set(batches[2]) == {"a", "b"} and "labels" not in batches[2]["a"] and "label" not in batches[2]["a"]
+    assert set(batches[2]) == {"a", "b"}
+    assert set(batches[2]["a"]) == {"input_ids", "attention_mask", "_index"}  # no labels
     resumed = StepBatches(dm.calib, 4, 5, seed=0, start=2)
     assert len(resumed) == 3
     torch.testing.assert_close(resumed[0]["a"]["input_ids"], batches[2]["a"]["input_ids"])
