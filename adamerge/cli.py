@@ -39,6 +39,13 @@ def register_resolvers() -> None:
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "estimate":  # `adamerge estimate MODEL --experts K`: no Hydra, no weights
+        from adamerge.estimate import main as estimate
+
+        estimate(sys.argv[2:])
+        return
     import hydra
 
     register_resolvers()

