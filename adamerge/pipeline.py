@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.evaluate import evaluate, reference_rows, summarize, to_markdown, write_results
 from adamerge.export import coefficients_record, export_model
 from adamerge.io import check_writable, write_json
+from adamerge.lora_merge import LoraMergedModel, LoraPool
 from adamerge.merging import MergedModel
 from adamerge.module import MergeModule
 from adamerge.plots import coefficient_heatmap
@@ -46,7 +47,10 @@ def run(cfg: DictConfig) -> dict:
 
     rows = {}
     if cfg.evaluate:
-        rows |= reference_rows(MergedModel(pool, granularity="task"), loaders, cfg.reference_lambda)
+        rows |= reference_rows(merged_model(pool, granularity="task"), loaders, cfg.reference_lambda)
+    if isinstance(pool, LoraPool) and (method.get("transform") or not method.learned):
+        raise ValueError(f"method {method.name!r} needs dense task vectors; LoRA-native experts (experts=lora) "
+                         "support learned methods without transform; use experts=hf to densify the adapters")
     if method.get("transform"):
         pool = instantiate(method.transform)(pool)
 
@@ -58,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
         coefficient_heatmap(record["coefficients"], out_dir / "coefficients.png", title=method.name)
         log_image(trainer, out_dir / "coefficients.png")
     else:
-        merged = MergedModel(pool, granularity="task")
+        merged = merged_model(pool, granularity="task")
         params = instantiate(method.merge)(pool)
         record = {"method": method.name, "merge": OmegaConf.to_container(method.merge, resolve=True)}
         trainer = None
@@ -76,12 +80,21 @@ def run(cfg: DictConfig) -> dict:
     return {"table": table, "output_dir": str(out_dir), "coefficients": record}
 
 
+def merged_model(pool, storage: str = "resident", **kwargs) -> MergedModel | LoraMergedModel:
+    """The functional merged model for a pool: dense task vectors, or LoRA factors composed without densifying."""
+    if isinstance(pool, LoraPool):
+        if storage != "resident":
+            raise ValueError("LoRA factors are small and always resident; set method.storage=resident")
+        return LoraMergedModel(pool, **kwargs)
+    return MergedModel(pool, storage=storage, **kwargs)
+
+
 def learn(cfg: DictConfig, pool, datamodule):
     """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint)."""
     import lightning as L
 
     method = cfg.method
-    merged = MergedModel(
+    merged = merged_model(
         pool,
         granularity=method.granularity,
         init=method.init,

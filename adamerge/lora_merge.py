@@ -1,0 +1,390 @@
+"""LoRA-native merging: experts that are LoRA adapters on one base are merged without ever forming a dense delta.
+
+Per adapted module the merged forward is ``W0 x + sum_k lam[k, g] * s_k * B_k (A_k x)`` (AdaMerging,
+https://arxiv.org/abs/2310.02575, and Expert Merging alike: only the coefficient granularity differs). The factors of
+all experts are concatenated along the rank (``A_cat = [A_1; ...; A_K]``, ``B_cat = [B_1, ..., B_K]``), so the
+low-rank term is two skinny matmuls with a per-rank-row weight ``lam[expert(row)] * s_expert(row)`` in between;
+ranks may differ per expert and an expert that does not adapt a module simply has no rows there.
+
+The base model stays a plain model: the low-rank terms are added by forward hooks that live only for the duration of
+one ``forward``, and heads (``modules_to_save``) are swapped in with ``functional_call`` as in ``MergedModel``.
+
+Contract of ``params`` (what ``merged_tensors`` returns and ``forward``/``merge_and_unload`` take): there are no
+dense merged tensors here, so ``params`` is ``{"__lambda__": lam}`` (the [K, G] coefficient table, differentiable),
+optionally with further dense overrides by tensor name. ``MergeModule`` works unchanged in both backward modes:
+``split`` backpropagates each task into a detached copy of ``lam`` and then once through the parametrisation, which
+is exact and keeps one task's activations alive at a time.
+
+Exports: ``merge_and_unload`` gives the dense merged model; ``export_peft_adapter`` writes one PEFT LoRA adapter that
+reproduces the merge exactly (rank ``r_tot = sum_k r_k``: ``A_cat`` and ``B_cat`` scaled by ``lam_k s_k`` per rank
+block, with ``lora_alpha = r`` so PEFT's scale is 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from adamerge.io import atomic_path
+from adamerge.lora import PEFT_PREFIX, AdapterError, LoraAdapter
+from adamerge.merging import (
+    DEFAULT_BLOCK_PATTERN,
+    Coefficients,
+    MergedModel,
+    TensorBank,
+    assign_tensor,
+    group_layout,
+)
+from adamerge.pool import (
+    DEFAULT_HEAD_PATTERNS,
+    LoraReader,
+    align_key,
+    import_object,
+    local_path,
+    matches,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+LAMBDA_KEY = "__lambda__"
+LORA_GRANULARITIES = ("task", "layer", "block")
+
+
+@dataclass
+class LoraPool:
+    """What to merge, LoRA-native: the base model, expert names, their adapters (aligned to the base's tensor names
+    and checked against it) and per-expert heads."""
+
+    model: nn.Module
+    experts: list[str]
+    adapters: dict[str, LoraAdapter]
+    heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    base_source: str | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+def make_lora_pool(
+    model: nn.Module,
+    experts: Mapping[str, str | Path | LoraAdapter],
+    head_patterns: Sequence[str] = DEFAULT_HEAD_PATTERNS,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    base_source: str | None = None,
+) -> LoraPool:
+    """A LoRA pool from an instantiated base and PEFT adapter folders (or ``LoraAdapter`` objects).
+
+    Args:
+        model: the base model the adapters were trained on; frozen, moved to ``device``.
+        experts: expert name -> PEFT LoRA adapter folder (or hub id) or a ``LoraAdapter``.
+        head_patterns: globs of task-specific tensors (``modules_to_save``), kept per expert, never merged.
+        dtype: storage dtype of the factors (config key ``experts.dtype``).
+        device: where the base and the factors live.
+        base_source: the base's id/folder, recorded for exports.
+    """
+    if not experts:
+        raise AdapterError("no experts given; list at least one LoRA adapter folder under experts.experts")
+    head_patterns = list(head_patterns)
+    dtype = resolve_dtype(dtype)
+    model.requires_grad_(False)
+    base_state = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    adapters, heads = {}, {}
+    for name, source in experts.items():
+        if isinstance(source, LoraAdapter):
+            adapter = replace(source, expert=name)
+        else:
+            path = local_path(str(source))
+            if not (path / "adapter_config.json").exists():
+                raise AdapterError(
+                    f"expert {name!r}: {path} is not a PEFT adapter folder (no adapter_config.json); LoRA-native "
+                    "merging needs every expert to be a LoRA adapter; use the dense pool (experts=hf) otherwise"
+                )
+            adapter = LoraAdapter.from_folder(path, expert=name)
+        # LoraReader aligns the adapter's names with the base (base_model_prefix added or dropped) and checks shapes.
+        adapter = LoraReader(adapter, base_state, prefix).adapter
+        check_module_types(adapter, model)
+        others = sorted(n for n in adapter.extra_tensors if not matches(n, head_patterns))
+        if others:
+            raise AdapterError(
+                f"expert {name!r}: the adapter trains {len(others)} tensor(s) besides LoRA factors and heads, e.g. "
+                f"{others[:3]} (bias='all' or modules_to_save); LoRA-native merging cannot merge them: add their "
+                "pattern to experts.head_patterns if they are task-specific, or use the dense pool (experts=hf)"
+            )
+        modules = {
+            n: replace(f, A=f.A.to(device=device, dtype=dtype), B=f.B.to(device=device, dtype=dtype))
+            for n, f in adapter.modules.items()
+        }
+        adapters[name] = replace(adapter, modules=modules)
+        heads[name] = {
+            align_key(n, set(base_state), prefix) or n: t.to(device) for n, t in adapter.extra_tensors.items()
+        }
+    sources = {a.base_name_or_path for a in adapters.values() if a.base_name_or_path}
+    if len(sources) > 1:
+        log.warning("the adapters name different bases %s; their shapes fit the given base, merging anyway", sources)
+    log.info(
+        "LoRA pool: %d experts, %d adapted modules",
+        len(adapters),
+        len({n for a in adapters.values() for n in a.modules}),
+    )
+    return LoraPool(model.to(device), list(adapters), adapters, heads, base_source)
+
+
+def load_lora_pool(
+    base: str,
+    experts: Mapping[str, str],
+    model_class: str = "transformers.AutoModel",
+    model_kwargs: Mapping | None = None,
+    **pool_kwargs,
+) -> LoraPool:
+    """Load the base with ``from_pretrained`` (hub id or folder) and read the LoRA adapters on top of it."""
+    loader = import_object(model_class)
+    model = getattr(loader, "from_pretrained", loader)(str(local_path(base)), **dict(model_kwargs or {}))
+    return make_lora_pool(model, experts, base_source=base, **pool_kwargs)
+
+
+def check_module_types(adapter: LoraAdapter, model: nn.Module) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    for name in adapter.modules:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(module, nn.Linear | Conv1D):
+            raise AdapterError(
+                f"expert {adapter.expert!r}: {name!r} belongs to a {type(module).__name__}; LoRA-native merging "
+                "handles nn.Linear and GPT-2 Conv1D only; use the dense pool (experts=hf) for this adapter"
+            )
+
+
+class LoraStack(nn.Module):
+    """One adapted module's factors of all experts, concatenated along the rank.
+
+    ``A`` (R, in), ``B`` (out, R), ``expert`` (R,) the expert owning each rank row, ``scale`` (R,) its LoRA scale;
+    R = sum of the ranks of the experts that adapt this module. ``transposed``: the base weight is (in, out) (Conv1D).
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, expert: Tensor, scale: Tensor, transposed: bool):
+        super().__init__()
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self.register_buffer("expert", expert, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.transposed = transposed
+
+    @classmethod
+    def from_adapters(cls, name: str, adapters: Sequence[LoraAdapter | None], transposed: bool) -> LoraStack:
+        present = [(k, a.modules[name]) for k, a in enumerate(adapters) if a is not None and name in a.modules]
+        A = torch.cat([f.A for _, f in present])
+        B = torch.cat([f.B for _, f in present], dim=1)
+        expert = torch.cat([torch.full((f.A.shape[0],), k, dtype=torch.long) for k, f in present]).to(A.device)
+        scale = torch.cat([torch.full((f.A.shape[0],), float(f.scale)) for _, f in present]).to(A.device)
+        return cls(A, B, expert, scale, transposed)
+
+    def row_weights(self, lam: Tensor) -> Tensor:
+        """lam [K] -> the weight of each rank row, lam[expert(row)] * s(row): (R,)."""
+        return lam.index_select(0, self.expert).to(self.scale.dtype) * self.scale
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        h = F.linear(x.to(self.A.dtype), self.A)  # (..., R)
+        return F.linear(h * weights.to(h.dtype), self.B)  # (..., out)
+
+    def delta(self, weights: Tensor) -> Tensor:
+        """The dense delta sum_k lam_k s_k B_k A_k in the base weight's layout."""
+        delta = (self.B.float() * weights.float()) @ self.A.float()  # (out, in)
+        return delta.T if self.transposed else delta
+
+
+class LoraMergedModel(nn.Module):
+    """Frozen base + per-module stacked LoRA factors + coefficients; the public surface of ``MergedModel``.
+
+    Args:
+        pool: a ``LoraPool`` (``make_lora_pool`` / ``load_lora_pool``).
+        granularity: ``task`` (one coefficient per expert), ``layer`` (per expert per adapted module) or ``block``
+            (per expert per transformer block) (config key ``method.granularity``).
+        init, parametrization, clamp: as for ``MergedModel`` (config keys ``method.init`` ...).
+        block_pattern: regex whose group 1 names a module's block.
+    """
+
+    def __init__(
+        self,
+        pool: LoraPool,
+        granularity: str = "layer",
+        init: float | Sequence[float] | Tensor = 0.3,
+        parametrization: str = "identity",
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        block_pattern: str = DEFAULT_BLOCK_PATTERN,
+        chunks: int | Mapping[str, int] = 1,
+    ):
+        super().__init__()
+        if granularity not in LORA_GRANULARITIES:
+            raise ValueError(
+                f"granularity {granularity!r} is not available for LoRA experts; choose one of {LORA_GRANULARITIES} "
+                "(config key: method.granularity)"
+            )
+        if chunks != 1:
+            raise ValueError("chunks apply to chunk granularity only; leave method.chunks at 1 for LoRA experts")
+        from transformers.pytorch_utils import Conv1D
+
+        self.model = pool.model.requires_grad_(False)
+        self.experts = list(pool.experts)
+        self.base_source = pool.base_source
+        adapted = {n for a in pool.adapters.values() for n in a.modules}
+        self.names = [n for n, _ in self.model.named_parameters() if n in adapted]  # the base's order
+        if not self.names:
+            raise AdapterError(f"the adapters of {self.experts} adapt no module of the base; nothing to merge")
+        self.granularity = granularity
+        self.group_names, self.layout = group_layout(self.names, granularity, block_pattern)
+        adapters = [pool.adapters[e] for e in self.experts]
+        # Conv1D holds its weight as (in, out): its dense delta is the transpose of B @ A.
+        transposed = [isinstance(self.model.get_submodule(module_of(n)), Conv1D) for n in self.names]
+        self.stacks = nn.ModuleList(LoraStack.from_adapters(n, adapters, t) for n, t in zip(self.names, transposed))
+        self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
+        self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
+
+    # The same code as the dense model's: these read only experts, group_names, heads and coefficients.
+    head = MergedModel.head
+    coefficient_table = MergedModel.coefficient_table
+    load_coefficient_table = MergedModel.load_coefficient_table
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def train(self, mode: bool = True) -> LoraMergedModel:
+        """Only the coefficients train: the frozen base stays in eval mode (no dropout), so steps are deterministic."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def merged_tensors(self, lam: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"__lambda__": lam}``: the coefficient table stands in for merged tensors (see the module docstring)."""
+        return {LAMBDA_KEY: self.coefficients() if lam is None else lam}
+
+    def split_params(self, params: Mapping[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
+        params = dict(self.merged_tensors() if params is None else params)
+        if LAMBDA_KEY not in params:
+            raise KeyError(
+                f"params for a LoraMergedModel hold the coefficient table under {LAMBDA_KEY!r} (merged_tensors(lam)); "
+                f"got only {sorted(params)[:3]}: dense merged tensors need the dense MergedModel"
+            )
+        lam = params.pop(LAMBDA_KEY)
+        expected = (self.num_experts, len(self.group_names))
+        if tuple(lam.shape) != expected:
+            raise ValueError(f"coefficient table has shape {tuple(lam.shape)}, expected {expected} (experts x groups)")
+        return lam, params
+
+    def row_weights(self, lam: Tensor) -> list[Tensor]:
+        return [stack.row_weights(lam[:, cols[0]]) for stack, cols in zip(self.stacks, self.layout)]
+
+    @contextmanager
+    def low_rank_terms(self, lam: Tensor) -> Iterator[None]:
+        """Add ``sum_k lam_k s_k B_k A_k x`` to every adapted module's output while the context is open."""
+        handles = []
+        try:
+            for name, stack, weights in zip(self.names, self.stacks, self.row_weights(lam)):
+                module = self.model.get_submodule(module_of(name))
+                handles.append(module.register_forward_hook(low_rank_hook(stack, weights)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, *args, task: str | None = None, params: Mapping[str, Tensor] | None = None, **kwargs):
+        """Run the base with the lam-weighted low-rank terms (``params``: see the module docstring) and ``task``'s head."""
+        lam, tensors = self.split_params(params)
+        if task is not None:
+            tensors |= self.head(task)
+        with self.low_rank_terms(lam):
+            return functional_call(self.model, tensors, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: str | None = None, params: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """A plain copy of the base holding W0 + sum_k lam_k s_k B_k A_k (and ``task``'s head): no adamerge needed."""
+        lam, tensors = self.split_params(params)
+        model = copy.deepcopy(self.model)
+        for name, stack, weights in zip(self.names, self.stacks, self.row_weights(lam)):
+            base = model.get_parameter(name)
+            assign_tensor(model, name, base + stack.delta(weights).to(base.dtype))
+        if task is not None:
+            tensors |= self.head(task)
+        for name, value in tensors.items():
+            assign_tensor(model, name, value.detach())
+        return model
+
+    @torch.no_grad()
+    def peft_adapter(self, task: str | None = None, params: Mapping[str, Tensor] | None = None):
+        """The merge as one PEFT LoRA adapter: (``LoraConfig``, state dict in PEFT's saved naming)."""
+        from peft import LoraConfig
+
+        lam, tensors = self.split_params(params)
+        if tensors:
+            raise ValueError(
+                f"dense overrides {sorted(tensors)[:3]} cannot go into a LoRA adapter; use merge_and_unload"
+            )
+        state, ranks = {}, {}
+        for name, stack, weights in zip(self.names, self.stacks, self.row_weights(lam)):
+            module = module_of(name)
+            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = stack.A.contiguous().cpu()
+            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (stack.B * weights.to(stack.B.dtype)).contiguous().cpu()
+            ranks[module] = stack.A.shape[0]
+        head = self.head(task) if task is not None else {}
+        for name, value in head.items():
+            state[f"{PEFT_PREFIX}{name}"] = value.detach().contiguous().cpu()
+        r = max(set(ranks.values()), key=list(ranks.values()).count)
+        # lora_alpha = r per module: PEFT's scale alpha / r is exactly 1, the lam_k s_k are folded into B.
+        pattern = {re.escape(m): rank for m, rank in ranks.items() if rank != r}
+        config = LoraConfig(
+            r=r,
+            lora_alpha=r,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            target_modules=list(ranks),
+            fan_in_fan_out=all(stack.transposed for stack in self.stacks),
+            modules_to_save=sorted({module_of(n) for n in head}) or None,
+            lora_dropout=0.0,
+            base_model_name_or_path=self.base_source,
+        )
+        return config, state
+
+    def export_peft_adapter(
+        self, out_dir: str | Path, task: str | None = None, params: Mapping[str, Tensor] | None = None
+    ) -> Path:
+        """Write the merge as a PEFT LoRA adapter folder; ``PeftModel.from_pretrained(base, out_dir)`` reproduces it.
+
+        Args:
+            out_dir: the adapter folder (written atomically).
+            task: whose head goes into ``modules_to_save`` (the base must then have that head's number of labels).
+            params: the coefficient table to export (default: the current coefficients).
+        """
+        from safetensors.torch import save_file
+
+        config, state = self.peft_adapter(task, params)
+        out_dir = Path(out_dir)
+        with atomic_path(out_dir, directory=True) as tmp:
+            config.save_pretrained(str(tmp))
+            save_file(state, str(tmp / "adapter_model.safetensors"))
+        log.info("exported the merge as a rank-%d PEFT LoRA adapter to %s", config.r, out_dir)
+        return out_dir
+
+
+def module_of(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def low_rank_hook(stack: LoraStack, weights: Tensor):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return output + stack(args[0], weights).to(output.dtype)
+
+    return hook
