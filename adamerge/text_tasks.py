@@ -49,3 +49,22 @@ def load_task(name: str, data_dir: str | Path | None = None) -> datasets.Dataset
             columns[row["split"]]["text"].append(row["text"])
             columns[row["split"]]["label"].append(row["label"])
     return datasets.DatasetDict({s: datasets.Dataset.from_dict(columns[s], features=features) for s in SPLITS})
+
+
+def text_tasks_datamodule(tasks: list[str], tokenizer=None, data_dir: str | Path | None = None, **datamodule_kwargs):
+    """A :class:`adamerge.data.MergeDataModule` over shipped tasks: unlabelled ``calib`` to learn, ``test`` to judge.
+
+    Args:
+        tasks: task names (each needs an expert of the same name).
+        tokenizer: a name/folder or tokenizer object; None = the packaged all-MiniLM-L6-v2's.
+        data_dir: where the task files are (default: the shipped ones).
+        datamodule_kwargs: the rest of ``MergeDataModule`` (batch_size, max_length, num_steps, eval_split, ...).
+    """
+    from adamerge.data import MergeDataModule
+
+    if tokenizer is None:
+        from adamerge.finetune import minilm_path
+
+        tokenizer = minilm_path()
+    datamodule_kwargs = {"calib_split": "calib", "eval_split": "test", **datamodule_kwargs}
+    return MergeDataModule(tasks={t: load_task(t, data_dir) for t in tasks}, tokenizer=tokenizer, **datamodule_kwargs)

@@ -33,15 +33,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 FAST = dict(steps=50, lr=1e-3)  # the tiny experts' task vectors are ~0.05 per entry
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors of a few hundred entries: thread hand-offs cost more than they save on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pool():
     torch.manual_seed(0)
