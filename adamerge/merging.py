@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.compress import low_rank, merge_low_rank, worth_compressing
 from adamerge.pool import ExpertPool
 
 GRANULARITIES = ("task", "layer", "block", "chunk")
@@ -81,8 +82,11 @@ class TensorBank(nn.Module):
     def __getitem__(self, name: str) -> Tensor:
         return getattr(self, f"t{self.names.index(name)}")
 
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f"t{i}") for i in range(len(self.names))]
+
     def items(self) -> list[tuple[str, Tensor]]:
-        return [(n, getattr(self, f"t{i}")) for i, n in enumerate(self.names)]
+        return list(zip(self.names, self.tensors()))
 
 
 class Coefficients(nn.Module):
@@ -163,6 +167,21 @@ def merge_tensor(base: Tensor, tau: Tensor, lam: Tensor) -> Tensor:
     return base + torch.cat(parts).reshape(base.shape).to(base.dtype)
 
 
+def low_rank_stacks(
+    task_vectors: Mapping[str, Tensor], rank: int | None, energy: float | None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Factors for the 2-D tensors where they save memory; the others stay dense."""
+    if rank is None and energy is None:
+        raise ValueError("storage=lowrank needs method.rank or method.energy")
+    factors = {}
+    for name, tau in task_vectors.items():
+        if tau.dim() == 3:
+            u, v = low_rank(tau, rank, energy)
+            if worth_compressing(tau.shape[1:], u.shape[-1]):
+                factors[name] = (u, v)
+    return factors
+
+
 class StreamedMerge(torch.autograd.Function):
     """``merge_tensor`` with the task vectors kept off the device (pinned host memory): copied in for the forward and
     again for the backward, so only one tensor's stack is on the device at a time. Same ops, same result."""
@@ -183,7 +202,7 @@ class StreamedMerge(torch.autograd.Function):
         return None, None, grad_lam
 
 
-STORAGES = ("resident", "streamed")
+STORAGES = ("resident", "streamed", "lowrank")
 
 
 class MergedModel(nn.Module):
@@ -199,6 +218,8 @@ class MergedModel(nn.Module):
         block_pattern: str = DEFAULT_BLOCK_PATTERN,
         chunks: int | Mapping[str, int] = 1,
         storage: str = "resident",
+        rank: int | None = None,
+        energy: float | None = None,
     ):
         super().__init__()
         if storage not in STORAGES:
@@ -209,11 +230,17 @@ class MergedModel(nn.Module):
         self.granularity = granularity
         self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
         self.storage = storage
-        if storage == "resident":
-            self.task_vectors = TensorBank(pool.task_vectors)
+        factors = low_rank_stacks(pool.task_vectors, rank, energy) if storage == "lowrank" else {}
+        if factors and granularity == "chunk":
+            raise ValueError("low-rank task vectors merge whole tensors; use method.granularity=layer or block")
+        self.low_rank_u = TensorBank({n: u for n, (u, _) in factors.items()})
+        self.low_rank_v = TensorBank({n: v for n, (_, v) in factors.items()})
+        dense = {n: t for n, t in pool.task_vectors.items() if n not in factors}
+        if storage in ("resident", "lowrank"):
+            self.task_vectors = TensorBank(dense)
         else:  # not buffers: .to(device) leaves them on the host; pinned for asynchronous copies when CUDA exists
             pin = torch.cuda.is_available()
-            self.task_vectors = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in pool.task_vectors.items()}
+            self.task_vectors = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in dense.items()}
         self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
         self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
 
@@ -237,9 +264,13 @@ class MergedModel(nn.Module):
         lam = self.coefficients() if lam is None else lam
         base = dict(self.model.named_parameters())
         merge = StreamedMerge.apply if self.storage == "streamed" else merge_tensor
+        dense = dict(self.task_vectors.items())
+        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
         return {
-            name: merge(base[name], tau, lam[:, cols])
-            for (name, tau), cols in zip(self.task_vectors.items(), self.layout)
+            name: merge(base[name], dense[name], lam[:, cols])
+            if name in dense
+            else merge_low_rank(base[name], *factors[name], lam[:, cols])
+            for name, cols in zip(self.names, self.layout)
         }
 
     def forward(self, *args, task: str | None = None, params: Mapping[str, Tensor] | None = None, **kwargs):

@@ -49,8 +49,10 @@ def run(cfg: DictConfig) -> dict:
     if cfg.evaluate:
         rows |= reference_rows(merged_model(pool, granularity="task"), loaders, cfg.reference_lambda)
     if isinstance(pool, LoraPool) and (method.get("transform") or not method.learned):
-        raise ValueError(f"method {method.name!r} needs dense task vectors; LoRA-native experts (experts=lora) "
-                         "support learned methods without transform; use experts=hf to densify the adapters")
+        raise ValueError(
+            f"method {method.name!r} needs dense task vectors; LoRA-native experts (experts=lora) "
+            "support learned methods without transform; use experts=hf to densify the adapters"
+        )
     if method.get("transform"):
         pool = instantiate(method.transform)(pool)
 
@@ -80,13 +82,13 @@ def run(cfg: DictConfig) -> dict:
     return {"table": table, "output_dir": str(out_dir), "coefficients": record}
 
 
-def merged_model(pool, storage: str = "resident", **kwargs) -> MergedModel | LoraMergedModel:
+def merged_model(pool, storage: str = "resident", rank=None, energy=None, **kwargs) -> MergedModel | LoraMergedModel:
     """The functional merged model for a pool: dense task vectors, or LoRA factors composed without densifying."""
     if isinstance(pool, LoraPool):
         if storage != "resident":
             raise ValueError("LoRA factors are small and always resident; set method.storage=resident")
         return LoraMergedModel(pool, **kwargs)
-    return MergedModel(pool, storage=storage, **kwargs)
+    return MergedModel(pool, storage=storage, rank=rank, energy=energy, **kwargs)
 
 
 def learn(cfg: DictConfig, pool, datamodule):
@@ -102,6 +104,8 @@ def learn(cfg: DictConfig, pool, datamodule):
         clamp=tuple(method.clamp) if method.clamp is not None else None,
         chunks=method.get("chunks", 1),
         storage=method.storage,
+        rank=method.get("rank"),
+        energy=method.get("energy"),
     )
     module = MergeModule(
         merged,
