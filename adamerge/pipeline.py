@@ -57,7 +57,10 @@ def run(cfg: DictConfig) -> dict:
         pool = instantiate(method.transform)(pool)
 
     if method.learned:
-        merged, trainer = learn(cfg, pool, datamodule)
+        merged = build_merged(method, pool)
+        if cfg.evaluate:
+            rows[f"{method.name} (init, before training)"] = evaluate(merged, merged.merged_tensors(), loaders)
+        trainer = learn(cfg, merged, datamodule)
         params = merged.merged_tensors()
         record = coefficients_record(merged)
         write_json(out_dir / "coefficients.json", record)
@@ -91,12 +94,9 @@ def merged_model(pool, storage: str = "resident", rank=None, energy=None, **kwar
     return MergedModel(pool, storage=storage, rank=rank, energy=energy, **kwargs)
 
 
-def learn(cfg: DictConfig, pool, datamodule):
-    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint)."""
-    import lightning as L
-
-    method = cfg.method
-    merged = merged_model(
+def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
+    """The learnable merged model as ``method`` configures it."""
+    return merged_model(
         pool,
         granularity=method.granularity,
         init=method.init,
@@ -107,6 +107,13 @@ def learn(cfg: DictConfig, pool, datamodule):
         rank=method.get("rank"),
         energy=method.get("energy"),
     )
+
+
+def learn(cfg: DictConfig, merged, datamodule):
+    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint)."""
+    import lightning as L
+
+    method = cfg.method
     module = MergeModule(
         merged,
         instantiate(cfg.objective),
@@ -122,7 +129,7 @@ def learn(cfg: DictConfig, pool, datamodule):
         log.warning("ckpt_path=last but no checkpoint in %s/checkpoints: starting fresh", cfg.paths.output_dir)
         ckpt_path = None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return merged, trainer
+    return trainer
 
 
 def log_results(trainer, table: list[dict]) -> None:

@@ -38,6 +38,7 @@ def test_tiny_run_writes_every_artifact_and_beats_task_arithmetic(tmp_path):
     rows = {row["method"]: row for row in result["table"]}
     assert rows["adamerging"]["avg"] >= rows["task arithmetic (lam=0.3)"]["avg"]
     assert rows["adamerging"]["avg"] > rows["base + heads (floor)"]["avg"]
+    assert rows["adamerging"]["avg"] > rows["adamerging (init, before training)"]["avg"]
     # the checkpoint holds the coefficients only (kilobytes), not the model
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
     assert list(ckpt["state_dict"]) == ["merged.coefficients.raw"]
@@ -125,3 +126,38 @@ def test_split_backward_and_plain_autograd_give_the_same_coefficients(tmp_path):
     for expert in split:
         for group, value in split[expert].items():
             assert joint[expert][group] == pytest.approx(value, abs=1e-6), (expert, group)
+
+
+CALLS = {"n": 0}
+
+
+def entropy_then_nan(outputs, task, batch, after_calls=30):
+    """The entropy objective until ``after_calls`` task losses were computed (10 steps of 3 tasks), then NaN."""
+    from adamerge.objectives import entropy_objective
+
+    CALLS["n"] += 1
+    loss = entropy_objective(outputs, task, batch)
+    return loss * float("nan") if CALLS["n"] > after_calls else loss
+
+
+def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    CALLS["n"] = 0
+    cfg = make_cfg(
+        tmp_path,
+        "objective._target_=tests.test_pipeline.entropy_then_nan",
+        "method.steps=20",
+        "callbacks.checkpoint.every_n_train_steps=5",
+        "export=false",
+    )
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 10"):
+        run(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 10 and torch.isfinite(ckpt["state_dict"]["merged.coefficients.raw"]).all()
+
+
+def test_bf16_mixed_precision_and_bf16_task_vectors(tmp_path):
+    result = run(
+        make_cfg(tmp_path, "trainer.precision=bf16-mixed", "experts.dtype=bfloat16", "method.steps=10", "export=false")
+    )
+    rows = {row["method"]: row for row in result["table"]}
+    assert rows["adamerging"]["avg"] > rows["base + heads (floor)"]["avg"]
