@@ -63,8 +63,10 @@ class MergeModule(L.LightningModule):
         }
 
     def task_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> Iterator[Tensor]:
+        # Objectives that read more than the logits (hidden states) name the forward kwargs they need.
+        extra = getattr(self.objective, "model_kwargs", {})
         for task, inputs in batch.items():
-            yield self.objective(self.merged(**model_inputs(inputs), task=task, params=params), task, inputs)
+            yield self.objective(self.merged(**model_inputs(inputs), **extra, task=task, params=params), task, inputs)
 
     def training_step(self, batch: Mapping[str, Mapping[str, Tensor]], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()

@@ -58,6 +58,11 @@ def run(cfg: DictConfig) -> dict:
 
     if method.learned:
         merged = build_merged(method, pool)
+        if method.get("chunking"):  # Expert Merging++: a layer-wise pass (one chunk per tensor) sets the chunks
+            from adamerge.chunking import chunked_model
+
+            learn(cfg, merged, datamodule, steps=method.chunking.layer_steps, quiet=True)
+            merged = chunked_model(merged, pool, instantiate(method.chunking.allocate)(merged))
         if cfg.evaluate:
             rows[f"{method.name} (init, before training)"] = evaluate(merged, merged.merged_tensors(), loaders)
         trainer = learn(cfg, merged, datamodule)
@@ -109,18 +114,28 @@ def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
     )
 
 
-def learn(cfg: DictConfig, merged, datamodule):
-    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint)."""
+def learn(cfg: DictConfig, merged, datamodule, steps: int | None = None, quiet: bool = False):
+    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
+
+    ``quiet``: a first pass of ``steps`` steps without checkpoints or loggers (Expert Merging++'s layer-wise pass).
+    """
     import lightning as L
 
     method = cfg.method
+    objective = instantiate(cfg.objective)
+    if hasattr(objective, "bind"):  # objectives that need the model and the calibration data (Expert Merging)
+        objective.bind(merged, datamodule)
     module = MergeModule(
         merged,
-        instantiate(cfg.objective),
+        objective,
         instantiate(method.optimizer),
         instantiate(method.scheduler) if method.get("scheduler") else None,
         backward=method.backward,
     )
+    if quiet:
+        trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[], logger=False, enable_checkpointing=False)
+        trainer.fit(module, datamodule=datamodule)
+        return trainer
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
