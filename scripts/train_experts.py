@@ -1,0 +1,58 @@
+"""Train (or reuse from the cache) MiniLM experts on the shipped text tasks; prints {task: folder}.
+
+python scripts/train_experts.py                                  # the 4-task default set
+python scripts/train_experts.py --tasks all --multitask          # every task + the multi-task reference
+python scripts/train_experts.py --heads cotrained                # heads trained with the backbone (bad for merging)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+
+DEFAULT_TASKS = ["debian_section", "wordnet_supersense", "manpage_section", "vader_movies"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from adamerge.finetune import HEAD_MODES, Recipe
+
+    default = Recipe()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names, or 'all'")
+    p.add_argument("--base", default=None, help="hub id or folder of the base (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--cache-dir", default=None, help="cache root (default: $ADAMERGE_CACHE or ~/.cache/adamerge)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--multitask", action="store_true", help="also train the multi-task reference model")
+    p.add_argument("--heads", default=default.heads, choices=HEAD_MODES)
+    for field in ("steps", "lr", "batch_size", "max_length", "probe_steps", "max_train", "num_hidden_layers", "seed"):
+        value = getattr(default, field)
+        kind = float if isinstance(value, float) else int
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import transformers
+
+    from adamerge.finetune import Recipe, build_experts, build_multitask
+    from adamerge.text_tasks import available_tasks
+
+    transformers.logging.set_verbosity_error()
+    args = parse_args(argv)
+    tasks = available_tasks() if args.tasks == "all" else args.tasks.split(",")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{k: v for k, v in vars(args).items() if k in fields})
+    start = time.perf_counter()
+    folders = {t: str(f) for t, f in build_experts(tasks, recipe, args.base, args.cache_dir, args.device).items()}
+    if args.multitask:
+        folders["_multitask"] = str(build_multitask(tasks, recipe, args.base, args.cache_dir, args.device))
+    print(json.dumps({"recipe": dataclasses.asdict(recipe), "experts": folders}, indent=1))
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
