@@ -5,7 +5,7 @@
 
 Prints the results table (floor, experts, task arithmetic at 0.3, AdaMerging) and writes results.md and
 coefficients.png into --out-dir. The experts are the benchmark's (same recipe, same cache); the demo shortens only
-the merge: fewer AdaMerging steps and a test subset (see scripts/README_benchmark.md).
+the merge: fewer AdaMerging steps and a test subset (see the README section on the offline benchmark).
 """
 
 from __future__ import annotations
