@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 # Run order: the cheap static merges, the learned methods, then DOGE (its data-free solve is the slowest merge).
-ORDER = ["average", "ties", "dare", "adamerging_task", "adamerging", "adamerging_pp", "doge", "doge_adamerging"]
+ORDER = [
+    "average",
+    "ties",
+    "dare",
+    "adamerging_task",
+    "adamerging",
+    "adamerging_pp",
+    "expert_merging",
+    "doge",
+    "doge_adamerging",
+]
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
 log = logging.getLogger("bench_quality")
