@@ -21,15 +21,6 @@ from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one intra-op thread is 10-20x faster than two for these tiny models
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def merged(base_model, expert_states):
     return MergedModel(make_pool(base_model, expert_states), granularity="layer", init=0.1, parametrization="sigmoid")

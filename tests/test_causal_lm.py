@@ -15,17 +15,8 @@ from adamerge.pool import make_pool
 PROMPT = 7  # 6 prompt tokens + the separator (adamerge.causal_lm.lm_task_dataset defaults)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
-    torch.set_num_threads(1)
     return build_tiny_lm(num_tasks=2, seed=0)
 
 

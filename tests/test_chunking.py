@@ -22,14 +22,6 @@ from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_allocation_by_hand():
     numel = {"a": 4096, "b": 4096, "c": 4096, "norm": 16}
     scores = {"a": 3.0, "b": 1.0, "c": 0.0, "norm": 100.0}
