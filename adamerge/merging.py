@@ -79,9 +79,6 @@ class TensorBank(nn.Module):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, name: str) -> Tensor:
-        return getattr(self, f"t{self.names.index(name)}")
-
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f"t{i}") for i in range(len(self.names))]
 

@@ -10,16 +10,20 @@ def allocated_bytes(*tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
 
 
-def test_memory_plan_matches_real_allocation(tmp_path):
-    config = LlamaConfig(
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kwargs = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
     )
+    return LlamaConfig(**(kwargs | overrides))
+
+
+def test_memory_plan_matches_real_allocation(tmp_path):
+    config = tiny_llama_config(tie_word_embeddings=False)
     config.save_pretrained(tmp_path)
     model = LlamaForCausalLM(config)
     experts = {f"e{k}": perturbed(model, seed=k) for k in range(4)}
@@ -41,14 +45,7 @@ def test_memory_plan_matches_real_allocation(tmp_path):
 def test_estimate_command_prints_a_plan(tmp_path, capsys):
     from adamerge.estimate import main
 
-    LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ).save_pretrained(tmp_path)
+    tiny_llama_config().save_pretrained(tmp_path)
     main([str(tmp_path), "--experts", "8", "--model-class", "transformers.AutoModelForCausalLM"])
     out = capsys.readouterr().out
     assert "device/task_vectors" in out and "K=8" in out
