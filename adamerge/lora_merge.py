@@ -272,6 +272,17 @@ class LoraMergedModel(nn.Module):
         """``{"__lambda__": lam}``: the coefficient table stands in for merged tensors (see the module docstring)."""
         return {LAMBDA_KEY: self.coefficients() if lam is None else lam}
 
+    def training_leaves(self, lam: Tensor) -> dict[str, Tensor]:
+        """The coefficient table as the one leaf ``two_stage_backward`` backpropagates the task losses into."""
+        return {LAMBDA_KEY: lam.detach().requires_grad_()}
+
+    def coefficient_grad(self, grads: Mapping[str, Tensor | None]) -> Tensor:
+        grad = grads.get(LAMBDA_KEY)
+        return self.coefficients.raw.new_zeros(self.coefficients.raw.shape) if grad is None else grad
+
+    def release_training_leaves(self) -> None:
+        """Nothing to free: the leaf is the coefficient table itself."""
+
     def split_params(self, params: Mapping[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
         params = dict(self.merged_tensors() if params is None else params)
         if LAMBDA_KEY not in params:

@@ -9,9 +9,12 @@ the base architecture on them. Granularity decides which tensors share a coeffic
 - ``block``: one per expert per transformer block (tensors outside blocks: one per parent module);
 - ``chunk``: each tensor split into contiguous chunks with one coefficient each (Expert Merging++).
 
-Training is fast because the merge is linear in lam: ``two_stage_backward`` runs the model's backward once per
-task batch into detached merged tensors, then sends ``<dL/dW, tau_k>`` to the coefficients in one batched pass, so
-the merge graph is walked once per step, not once per task (AdaMerging, https://arxiv.org/abs/2310.02575).
+Training is fast because the merge is linear in lam: ``two_stage_backward`` writes theta(lam) into persistent leaf
+buffers without autograd (``training_leaves``), runs the model's backward once per task batch into them, then maps
+the accumulated dL/dW to the coefficients with one matrix-vector product per tensor, ``<dL/dW, tau_k>``
+(``coefficient_grad``). The merge costs O(K P) per step, whatever the number of task batches, and allocates nothing:
+fresh merged tensors every step cost more (page faults on CPU, allocator churn on GPU) than the merge itself.
+``merged_tensors`` is the differentiable reference path (evaluation, ``backward=joint``).
 """
 
 from __future__ import annotations
@@ -164,6 +167,39 @@ def merge_tensor(base: Tensor, tau: Tensor, lam: Tensor) -> Tensor:
     return base + torch.cat(parts).reshape(base.shape).to(base.dtype)
 
 
+@torch.no_grad()
+def merge_into(out: Tensor, base: Tensor, tau: Tensor, lam: Tensor) -> None:
+    """``merge_tensor`` written into ``out`` (contiguous, base's shape and dtype): one ``addmv`` per chunk, no graph."""
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_tau = tau.reshape(tau.shape[0], -1)
+    pieces = zip(
+        flat_out.tensor_split(lam.shape[1]),
+        flat_base.tensor_split(lam.shape[1]),
+        flat_tau.tensor_split(lam.shape[1], dim=1),
+        lam.T,
+    )
+    for o, b, t, w in pieces:
+        if t.dtype == o.dtype:
+            torch.addmv(b, t.T, w.to(t.dtype), out=o)
+        else:  # e.g. bf16 task vectors on an fp32 base: the delta is formed in the task vectors' dtype, as above
+            torch.add(b, torch.mv(t.T, w.to(t.dtype)).to(o.dtype), out=o)
+
+
+@torch.no_grad()
+def merge_grad(tau: Tensor, grad: Tensor, chunks: int) -> Tensor:
+    """d L / d lam [K, chunks] of ``merge_tensor`` given dL/dW: ``<grad, tau_k>`` over each contiguous chunk."""
+    flat_tau, flat_grad = tau.reshape(tau.shape[0], -1), grad.reshape(-1).to(tau.dtype)
+    parts = zip(flat_tau.tensor_split(chunks, dim=1), flat_grad.tensor_split(chunks))
+    return torch.stack([torch.mv(t, g) for t, g in parts], dim=1).float()
+
+
+@torch.no_grad()
+def low_rank_merge_grad(u: Tensor, v: Tensor, grad: Tensor) -> Tensor:
+    """d L / d lam [K, 1] of ``merge_low_rank``: ``<grad, U_k V_k> = sum((U_k^T grad) * V_k)``."""
+    projected = torch.matmul(u.transpose(1, 2), grad.to(u.dtype))  # (K, r, n)
+    return (projected * v).sum(dim=(1, 2)).float()[:, None]
+
+
 def low_rank_stacks(
     task_vectors: Mapping[str, Tensor], rank: int | None, energy: float | None
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -270,6 +306,59 @@ class MergedModel(nn.Module):
             for name, cols in zip(self.names, self.layout)
         }
 
+    def training_leaves(self, lam: Tensor) -> dict[str, Tensor]:
+        """theta(lam) written into persistent buffers that are autograd leaves with no gradient yet.
+
+        Made once (base dtype, base device) and reused every step; ``coefficient_grad`` maps their gradients back.
+        """
+        base = dict(self.model.named_parameters())
+        first = base[self.names[0]]
+        buffers = getattr(self, "_leaves", None)
+        if buffers is None or (buffers[self.names[0]].device, buffers[self.names[0]].dtype) != (
+            first.device,
+            first.dtype,
+        ):
+            buffers = {n: torch.empty_like(base[n], memory_format=torch.contiguous_format) for n in self.names}
+            self._leaves = buffers
+        dense = dict(self.task_vectors.items())
+        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
+        lam = lam.detach()
+        for name, cols in zip(self.names, self.layout):
+            out = buffers[name]
+            out.requires_grad_(False)
+            if name in dense:
+                merge_into(out, base[name].detach(), self._on_device(dense[name], out), lam[:, cols])
+            else:
+                with torch.no_grad():
+                    out.copy_(merge_low_rank(base[name].detach(), *factors[name], lam[:, cols]))
+            out.grad = None
+            out.requires_grad_(True)
+        return buffers
+
+    def coefficient_grad(self, grads: Mapping[str, Tensor | None]) -> Tensor:
+        """d L / d lam [K, G] from d L / d W of the merged tensors (``None``: a tensor the loss did not use)."""
+        dense = dict(self.task_vectors.items())
+        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
+        total = self.coefficients.raw.new_zeros(self.coefficients.raw.shape)
+        for name, cols in zip(self.names, self.layout):
+            grad = grads.get(name)
+            if grad is None:
+                continue
+            if name in dense:
+                total[:, cols] += merge_grad(self._on_device(dense[name], grad), grad, len(cols)).to(total.device)
+            else:
+                total[:, cols] += low_rank_merge_grad(*factors[name], grad).to(total.device)
+        return total
+
+    def release_training_leaves(self) -> None:
+        """Free the persistent leaf buffers (one model's worth of memory) once training is over."""
+        self._leaves = None
+
+    @staticmethod
+    def _on_device(tau: Tensor, like: Tensor) -> Tensor:
+        """A task-vector stack where ``like`` lives: a no-op when resident, a copy from pinned memory when streamed."""
+        return tau.to(like.device, non_blocking=True)
+
     def forward(self, *args, task: str | None = None, params: Mapping[str, Tensor] | None = None, **kwargs):
         """Run the base architecture on merged tensors (``params``, default theta(lam)) with ``task``'s head."""
         params = dict(self.merged_tensors() if params is None else params)
@@ -324,23 +413,26 @@ def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
 
 
 def two_stage_backward(
-    merged: Mapping[str, Tensor],
+    model: nn.Module,
     run: Callable[[Mapping[str, Tensor]], Iterable[Tensor]],
     backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> list[Tensor]:
-    """Backpropagate task losses into the coefficients walking the merge graph once.
+    """Backpropagate task losses into ``model.coefficients`` with the merge done once, outside autograd.
 
-    ``run(params)`` yields one loss per task batch, computed on ``params``; each is backpropagated at once (only one
-    task's activations live at a time) into detached copies of the merged tensors. Then one backward sends the
-    accumulated dL/dW through the merge: d L / d lam[k, g] = sum over tensors of <dL/dW, tau_k> in group g.
-    Returns the detached task losses.
+    ``run(params)`` yields one loss per task batch, computed on ``params`` (``model.training_leaves``); each is
+    backpropagated at once, so only one task's activations live at a time, and the gradients of the merged tensors
+    accumulate over the tasks. Then ``model.coefficient_grad`` turns them into d L / d lam, which goes back through
+    the coefficients' parametrisation (clamp or sigmoid). Exact: the merge is linear in lam. Returns the detached
+    task losses.
     """
-    leaves = {n: w.detach().requires_grad_() for n, w in merged.items()}
+    lam = model.coefficients()
+    leaves = model.training_leaves(lam.detach())
     losses = []
     for loss in run(leaves):
         backward(loss)
         losses.append(loss.detach())
-    pairs = [(merged[n], leaf.grad) for n, leaf in leaves.items() if leaf.grad is not None]
-    if pairs:
-        torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+    grad = model.coefficient_grad({n: leaf.grad for n, leaf in leaves.items()})
+    for leaf in leaves.values():
+        leaf.grad = None  # the limit keeps them until zero_grad; freeing now lowers the peak between steps
+    lam.backward(grad)
     return losses

@@ -27,9 +27,10 @@ class MergeModule(L.LightningModule):
         objective: ``objective(outputs, task, batch) -> loss`` (config group ``objective``).
         optimizer: a partial ``torch.optim`` constructor taking the parameters (config key ``method.optimizer``).
         scheduler: optional partial LR scheduler taking the optimizer (config key ``method.scheduler``).
-        backward: ``split`` backpropagates each task batch on its own through detached merged tensors (one task's
-            activations in memory at a time) and walks the merge graph once; ``joint`` sums the task losses and
-            runs one plain autograd backward (the reference path); ``auto`` = ``split``.
+        backward: ``split`` merges once outside autograd, backpropagates each task batch on its own into the merged
+            tensors (one task's activations in memory at a time) and maps their gradients to the coefficients in
+            one pass (``two_stage_backward``); ``joint`` sums the task losses and runs one plain autograd backward
+            through the merge (the reference path); ``auto`` = ``split``.
     """
 
     def __init__(
@@ -71,11 +72,11 @@ class MergeModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Mapping[str, Tensor]], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        merged = self.merged.merged_tensors()
         if self.backward_mode == "split":
-            losses = two_stage_backward(merged, lambda params: self.task_losses(batch, params), self.manual_backward)
+            run = lambda params: self.task_losses(batch, params)  # noqa: E731
+            losses = two_stage_backward(self.merged, run, self.manual_backward)
         else:
-            losses = list(self.task_losses(batch, merged))
+            losses = list(self.task_losses(batch, self.merged.merged_tensors()))
             self.manual_backward(torch.stack(losses).sum())
             losses = [loss.detach() for loss in losses]
         loss = torch.stack(losses).sum()
@@ -101,6 +102,9 @@ class MergeModule(L.LightningModule):
             }
         )
         return loss
+
+    def on_train_end(self) -> None:
+        self.merged.release_training_leaves()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith("coefficients.raw")}

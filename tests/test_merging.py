@@ -98,9 +98,24 @@ def test_merge_never_mutates_experts_or_base(base_model, expert_states, batch):
     assert [p for p in merged.parameters() if p.requires_grad] == [merged.coefficients.raw]
 
 
-def test_two_stage_backward_equals_plain_autograd(base_model, expert_states, batch):
-    pool = make_pool(base_model, expert_states)
-    merged = MergedModel(pool, granularity="layer", clamp=None)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"granularity": "task"},
+        {"granularity": "layer", "clamp": None},
+        {"granularity": "block", "parametrization": "sigmoid"},
+        {"granularity": "chunk", "chunks": 3},
+        {"granularity": "layer", "storage": "streamed"},
+        {"granularity": "layer", "storage": "lowrank", "rank": 2},
+        {"granularity": "block", "dtype": torch.bfloat16},
+    ],
+    ids=["task", "layer", "block-sigmoid", "chunk", "streamed", "lowrank", "bf16-task-vectors"],
+)
+def test_two_stage_backward_equals_plain_autograd(options, base_model, expert_states, batch):
+    """The fast path (merge outside autograd, <dL/dW, tau_k> per tensor) against autograd through the merge."""
+    options = dict(options)
+    pool = make_pool(base_model, expert_states, dtype=options.pop("dtype", torch.float32))
+    merged = MergedModel(pool, init=0.4, **options)
     tasks = merged.experts
 
     def run(params):
@@ -110,7 +125,7 @@ def test_two_stage_backward_equals_plain_autograd(base_model, expert_states, bat
     sum(run(merged.merged_tensors())).backward()
     plain = merged.coefficients.raw.grad.clone()
     merged.coefficients.raw.grad = None
-    losses = two_stage_backward(merged.merged_tensors(), run)
+    losses = two_stage_backward(merged, run)
     assert len(losses) == 3
     torch.testing.assert_close(merged.coefficients.raw.grad, plain, atol=1e-6, rtol=1e-5)
 
