@@ -7,16 +7,20 @@ Checkpoints hold the coefficients and the optimizer state only (kilobytes), neve
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from adamerge.batching import concatenable, forward_concatenated
 from adamerge.data import model_inputs
 from adamerge.merging import MergedModel, check_finite, two_stage_backward
 
-BACKWARD_MODES = ("auto", "split", "joint")
+BACKWARD_MODES = ("auto", "split", "concat", "joint")
+AUTO_TRIALS = 2  # timed steps per mode before ``auto`` settles; the first of each warms up
 
 
 class MergeModule(L.LightningModule):
@@ -27,10 +31,14 @@ class MergeModule(L.LightningModule):
         objective: ``objective(outputs, task, batch) -> loss`` (config group ``objective``).
         optimizer: a partial ``torch.optim`` constructor taking the parameters (config key ``method.optimizer``).
         scheduler: optional partial LR scheduler taking the optimizer (config key ``method.scheduler``).
-        backward: ``split`` merges once outside autograd, backpropagates each task batch on its own into the merged
-            tensors (one task's activations in memory at a time) and maps their gradients to the coefficients in
-            one pass (``two_stage_backward``); ``joint`` sums the task losses and runs one plain autograd backward
-            through the merge (the reference path); ``auto`` = ``split``.
+        backward: how a step backpropagates (all exact, equal to fp rounding):
+            ``split`` merges once outside autograd, runs forward+backward per task batch (one task's activations in
+            memory at a time) and maps the merged tensors' gradients to the coefficients in one pass
+            (``two_stage_backward``); ``concat`` does the same with one forward+backward over the task batches
+            concatenated (each task's head on its rows, ``adamerge.batching``; steps whose batches cannot be joined
+            fall back to ``split``); ``joint`` sums the task losses and runs one plain autograd backward through the
+            merge (the reference path); ``auto`` times ``split`` and ``concat`` on the first steps and keeps the
+            faster (``split`` if ``concat`` runs out of memory).
     """
 
     def __init__(
@@ -50,7 +58,8 @@ class MergeModule(L.LightningModule):
         self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backward_mode = "split" if backward == "auto" else backward
+        self.backward_mode = backward
+        self.step_times: dict[str, list[float]] = {"split": [], "concat": []}  # backward=auto's trials
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the coefficients only
 
@@ -69,16 +78,71 @@ class MergeModule(L.LightningModule):
         for task, inputs in batch.items():
             yield self.objective(self.merged(**model_inputs(inputs), **extra, task=task, params=params), task, inputs)
 
+    def concat_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> list[Tensor] | None:
+        """The task losses from one forward over the concatenated task batches (``None``: they cannot be joined)."""
+        extra = getattr(self.objective, "model_kwargs", {})
+        outputs = forward_concatenated(self.merged, batch, params, **extra)
+        if outputs is None:
+            return None
+        return [self.objective(outputs[task], task, inputs) for task, inputs in batch.items()]
+
+    def backward_step(self, batch: Mapping[str, Mapping[str, Tensor]], mode: str) -> list[Tensor]:
+        """Forward + backward of every task's loss into the coefficients' gradient; returns the detached losses."""
+        if mode == "joint":
+            losses = list(self.task_losses(batch, self.merged.merged_tensors()))
+            self.manual_backward(torch.stack(losses).sum())
+            return [loss.detach() for loss in losses]
+        if mode == "concat" and concatenable(batch):
+            losses = []
+
+            def run(params):
+                losses.extend(self.concat_losses(batch, params))
+                yield torch.stack(losses).sum()
+
+            two_stage_backward(self.merged, run, self.manual_backward)
+            return [loss.detach() for loss in losses]
+        return two_stage_backward(self.merged, lambda params: self.task_losses(batch, params), self.manual_backward)
+
+    def choose_mode(self, batch: Mapping[str, Mapping[str, Tensor]]) -> str:
+        """``backward=auto``: alternate split and concat for the first steps, then keep the faster one."""
+        if self.backward_mode != "auto":
+            return self.backward_mode
+        split, concat = self.step_times["split"], self.step_times["concat"]
+        if len(concat) < AUTO_TRIALS and concatenable(batch):
+            return "split" if len(split) <= len(concat) else "concat"
+        return "concat" if concat and split and concat[-1] < split[-1] else "split"
+
+    def timed_backward(self, batch: Mapping[str, Mapping[str, Tensor]], mode: str) -> list[Tensor]:
+        """``backward_step``, timed while ``auto`` is still choosing; a concat step out of memory settles on split."""
+        times = self.step_times.get(mode)
+        if self.backward_mode != "auto" or times is None or len(times) >= AUTO_TRIALS:
+            return self.backward_step(batch, mode)
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            losses = self.backward_step(batch, mode)
+        except torch.OutOfMemoryError:
+            if mode != "concat":
+                raise
+            self.step_times["concat"] = [float("inf")] * AUTO_TRIALS
+            self.merged.coefficients.raw.grad = None
+            torch.cuda.empty_cache()
+            rank_zero_info("backward=auto: concatenated task batches ran out of memory; using split")
+            return self.backward_step(batch, "split")
+        synchronize(self.device)
+        times.append(time.perf_counter() - start)
+        if len(self.step_times["concat"]) == AUTO_TRIALS and len(self.step_times["split"]) == AUTO_TRIALS:
+            split, concat = self.step_times["split"][-1], self.step_times["concat"][-1]
+            rank_zero_info(
+                f"backward=auto: split {split:.3f} s/step, concat {concat:.3f} s/step; "
+                f"using {'concat' if concat < split else 'split'}"
+            )
+        return losses
+
     def training_step(self, batch: Mapping[str, Mapping[str, Tensor]], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        if self.backward_mode == "split":
-            run = lambda params: self.task_losses(batch, params)  # noqa: E731
-            losses = two_stage_backward(self.merged, run, self.manual_backward)
-        else:
-            losses = list(self.task_losses(batch, self.merged.merged_tensors()))
-            self.manual_backward(torch.stack(losses).sum())
-            losses = [loss.detach() for loss in losses]
+        losses = self.timed_backward(batch, self.choose_mode(batch))
         loss = torch.stack(losses).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -108,3 +172,9 @@ class MergeModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith("coefficients.raw")}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock time covers the step (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

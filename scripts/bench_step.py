@@ -199,7 +199,7 @@ def worker_adamerge(args):
     import lightning as L
 
     from adamerge.merging import MergedModel
-    from adamerge.module import MergeModule
+    from adamerge.module import AUTO_TRIALS, MergeModule
     from adamerge.objectives import entropy_objective
     from adamerge.pool import make_pool
 
@@ -208,7 +208,9 @@ def worker_adamerge(args):
     pool = make_pool(base, experts, device=args.device)
     del experts
     merged = MergedModel(pool, granularity="layer", init=0.3)
-    module = MergeModule(merged, entropy_objective, partial(torch.optim.Adam, lr=1e-3))
+    module = MergeModule(merged, entropy_objective, partial(torch.optim.Adam, lr=1e-3), backward=args.backward)
+    if args.backward == "auto":  # auto's trial steps (split and concat, alternating) are not timed
+        args.warmup += 2 * AUTO_TRIALS
     batch = {
         f"task{k}": to_device(b, args.device)
         for k, b in enumerate(task_batches(args.model, args.seed, args.K, args.batch))
@@ -254,7 +256,8 @@ def worker_adamerge(args):
     )
     loader = torch.utils.data.DataLoader([batch] * total, batch_size=None)
     trainer.fit(module, loader)
-    emit({"times": timer.times[args.warmup : args.warmup + args.steps], "mib": timer.mib})
+    mode = module.choose_mode(batch)
+    emit({"times": timer.times[args.warmup : args.warmup + args.steps], "mib": timer.mib, "mode": mode})
 
 
 def worker_fusionbench(args):
@@ -390,6 +393,8 @@ def run_worker(python: str, name: str, args, K: int) -> dict | None:
         str(args.batch),
         "--seed",
         str(args.seed),
+        "--backward",
+        args.backward,
     ] + (["--profile"] if args.profile and name == "adamerge" else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     start = time.perf_counter()
@@ -423,6 +428,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-fusionbench", action="store_true")
     parser.add_argument("--fb-python", default=f"{FB_VENV}/bin/python", help="python of the FusionBench venv")
+    parser.add_argument(
+        "--backward", choices=["auto", "split", "concat", "joint"], default="auto", help="adamerge's method.backward"
+    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adamerge step")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--K", type=int, help=argparse.SUPPRESS)
@@ -463,6 +471,7 @@ def main(argv=None):
                 "fusionbench_mib": fb["mib"] if fb else None,
                 "limit_mib": lim["mib"] if lim else None,
                 "limit_mode": lim.get("mode") if lim else None,
+                "adamerge_mode": ada.get("mode") if ada else None,
             }
         )
 
@@ -476,7 +485,7 @@ def main(argv=None):
     )
     header = (
         f"{'K':>3} {'adamerge s':>11} {'FusionBench s':>14} {'limit s':>9} {'FB/adamerge':>12} "
-        f"{'adamerge/limit':>15} {'adamerge MiB':>13} {'FB MiB':>8} {'limit MiB':>10}"
+        f"{'adamerge/limit':>15} {'adamerge MiB':>13} {'FB MiB':>8} {'limit MiB':>10} {'modes (ada, limit)':>19}"
     )
     print(header)
     print("-" * len(header))
@@ -484,7 +493,8 @@ def main(argv=None):
         print(
             f"{r['K']:>3} {fmt(r['adamerge_s'], '11.3f')} {fmt(r['fusionbench_s'], '14.3f')} "
             f"{fmt(r['limit_s'], '9.3f')} {fmt(r['vs_fusionbench'], '11.2f')}x {fmt(r['vs_limit'], '14.2f')}x "
-            f"{fmt(r['adamerge_mib'], '13.0f')} {fmt(r['fusionbench_mib'], '8.0f')} {fmt(r['limit_mib'], '10.0f')}"
+            f"{fmt(r['adamerge_mib'], '13.0f')} {fmt(r['fusionbench_mib'], '8.0f')} {fmt(r['limit_mib'], '10.0f')} "
+            f"{(r['adamerge_mode'] or '-') + ', ' + (r['limit_mode'] or '-'):>19}"
         )
     print(json.dumps({"device": args.device, "model": args.model, "rows": rows}))
 

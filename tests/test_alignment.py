@@ -157,7 +157,7 @@ def test_unbound_objective_and_bad_config_are_refused():
         ExpertAlignment(temperature=0)
 
 
-@pytest.mark.parametrize("backward", ["split", "joint"])
+@pytest.mark.parametrize("backward", ["split", "concat", "joint"])
 def test_cached_target_training_equals_online_teacher_training(base_model, expert_states, calib, backward):
     """Same coefficients after N steps whether the targets were cached once or recomputed on every step."""
     import copy
