@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.checkpointing import block_names, checkpointed_blocks
 from adamerge.compress import low_rank, merge_low_rank, worth_compressing
 from adamerge.pool import ExpertPool
 
@@ -253,6 +254,7 @@ class MergedModel(nn.Module):
         storage: str = "resident",
         rank: int | None = None,
         energy: float | None = None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if storage not in STORAGES:
@@ -260,6 +262,13 @@ class MergedModel(nn.Module):
         self.model = pool.model.requires_grad_(False)
         self.experts = list(pool.experts)
         self.names = list(pool.task_vectors)
+        # Blocks whose activations are recomputed in the backward instead of stored (adamerge.checkpointing).
+        self.checkpointed = block_names(self.names, block_pattern) if activation_checkpointing else []
+        if activation_checkpointing and not self.checkpointed:
+            raise ValueError(
+                f"activation checkpointing found no block matching {block_pattern!r} among the merged tensors; "
+                "set method.block_pattern to the model's layer names"
+            )
         self.granularity = granularity
         self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
         self.storage = storage
@@ -364,6 +373,9 @@ class MergedModel(nn.Module):
         params = dict(self.merged_tensors() if params is None else params)
         if task is not None:
             params |= self.head(task)
+        if self.checkpointed and torch.is_grad_enabled():
+            with checkpointed_blocks(self.model, self.checkpointed, params):
+                return functional_call(self.model, params, args, kwargs, strict=False)
         return functional_call(self.model, params, args, kwargs, strict=False)
 
     @torch.no_grad()

@@ -90,13 +90,19 @@ def run(cfg: DictConfig) -> dict:
     return {"table": table, "output_dir": str(out_dir), "coefficients": record}
 
 
-def merged_model(pool, storage: str = "resident", rank=None, energy=None, **kwargs) -> MergedModel | LoraMergedModel:
+def merged_model(
+    pool, storage: str = "resident", rank=None, energy=None, activation_checkpointing: bool = False, **kwargs
+) -> MergedModel | LoraMergedModel:
     """The functional merged model for a pool: dense task vectors, or LoRA factors composed without densifying."""
     if isinstance(pool, LoraPool):
         if storage != "resident":
             raise ValueError("LoRA factors are small and always resident; set method.storage=resident")
+        if activation_checkpointing:
+            raise ValueError("activation checkpointing is for dense experts; set method.activation_checkpointing=false")
         return LoraMergedModel(pool, **kwargs)
-    return MergedModel(pool, storage=storage, rank=rank, energy=energy, **kwargs)
+    return MergedModel(
+        pool, storage=storage, rank=rank, energy=energy, activation_checkpointing=activation_checkpointing, **kwargs
+    )
 
 
 def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
@@ -111,6 +117,8 @@ def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
         storage=method.storage,
         rank=method.get("rank"),
         energy=method.get("energy"),
+        activation_checkpointing=method.get("activation_checkpointing", False),
+        **({"block_pattern": method.block_pattern} if method.get("block_pattern") else {}),
     )
 
 

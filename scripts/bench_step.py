@@ -1,10 +1,12 @@
 """Benchmark one coefficient-training step: adamerge vs FusionBench's LayerWiseMergedModel vs the unmerged limit.
 
 For each number of experts K (``--experts 4,8``) three measurements, each in its own fresh process so that peak
-memory is comparable:
+memory is comparable; adamerge and the limit alternate over ``--rounds`` runs whose steps are pooled, since this
+machine's speed drifts by a few percent over minutes, as much as the gap being measured:
 
-- ``adamerge``: the real ``MergeModule.training_step`` (layer-wise coefficients, entropy objective, Adam lr 1e-3)
-  driven by a minimal ``lightning.Trainer``; a callback times each step (``on_train_batch_start/end``).
+- ``adamerge``: the real ``MergeModule.training_step`` (layer-wise coefficients, entropy objective, Adam lr 1e-3,
+  ``--backward``, default ``auto``: its trial steps are not timed) driven by a minimal ``lightning.Trainer``; a
+  callback times each step (``on_train_batch_start/end``).
 - ``fusionbench``: ``fusion_bench.models.wrappers.layer_wise_fusion.LayerWiseMergedModel`` (``strict=False``) in
   its own test-time-adaptation loop (per task: forward, entropy, ``backward(retain_graph=True)``; then ``step()``,
   ``zero_grad()``, ``merge_weights()``), run with the python of a separate venv (``--fb-python``).
@@ -28,8 +30,8 @@ FusionBench venv (created when missing, unless ``--skip-fusionbench``)::
 
 Usage::
 
-    python scripts/bench_step.py --experts 4,8 --steps 3
-    python scripts/bench_step.py --model clip-vit-b32 --device cuda --steps 10
+    python scripts/bench_step.py --experts 4,8                 # 3 rounds x 5 steps (about 12 minutes on 2 cores)
+    python scripts/bench_step.py --model clip-vit-b32 --device cuda --steps 10 --rounds 2
     python scripts/bench_step.py --skip-fusionbench
 
 The last line printed is the result as JSON.
@@ -52,6 +54,7 @@ import torch
 from torch import nn
 
 MARK = "BENCH_JSON "
+LIMIT_MODES = ("concat", "separate")
 FB_VENV = "/tmp/fb-venv"
 NUM_LABELS = {"minilm": 4, "clip-vit-b32": 10}
 NOISE = 0.01
@@ -256,8 +259,13 @@ def worker_adamerge(args):
     )
     loader = torch.utils.data.DataLoader([batch] * total, batch_size=None)
     trainer.fit(module, loader)
-    mode = module.choose_mode(batch)
-    emit({"times": timer.times[args.warmup : args.warmup + args.steps], "mib": timer.mib, "mode": mode})
+    emit(
+        {
+            "times": timer.times[args.warmup : args.warmup + args.steps],
+            "mib": timer.mib,
+            "mode": module.choose_mode(batch),
+        }
+    )
 
 
 def worker_fusionbench(args):
@@ -313,45 +321,47 @@ def worker_fusionbench(args):
     emit({"times": times[args.warmup :], "mib": mib})
 
 
-def worker_limit(args):
-    """The unmerged base, all weights trainable: forward + backward over the K batches (concatenated, or K passes)."""
-    base = build_base(args.model, args.seed).to(args.device).requires_grad_(True)
-    batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
-    joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+class LimitStep:
+    """The limit: the unmerged base with all weights trainable, forward + backward over the K task batches."""
 
+    def __init__(self, args):
+        self.device = args.device
+        self.base = build_base(args.model, args.seed).to(args.device).requires_grad_(True)
+        self.batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
+        self.joined = {k: torch.cat([b[k] for b in self.batches]) for k in self.batches[0]}
+
+    @staticmethod
     def logits_of(out):
         return out if isinstance(out, torch.Tensor) else out.logits
 
-    def concat():
-        entropy(logits_of(base(**joined))).backward()
+    def concat(self):
+        entropy(self.logits_of(self.base(**self.joined))).backward()
 
-    def separate():
-        for b in batches:
-            entropy(logits_of(base(**b))).backward()
+    def separate(self):
+        for b in self.batches:
+            entropy(self.logits_of(self.base(**b))).backward()
 
+    def timed(self, mode: str) -> float:
+        self.base.zero_grad(set_to_none=True)
+        sync(self.device)
+        t0 = time.perf_counter()
+        getattr(self, mode)()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def worker_limit(args):
+    """The limit on its own (for its peak memory): the K batches concatenated, and K separate passes."""
+    limit = LimitStep(args)
     result = {}
-    for name, fn in (("concat", concat), ("separate", separate)):
-        memory, times, mib = PeakMemory(args.device), [], None
+    for mode in LIMIT_MODES:
+        memory, times = PeakMemory(args.device), []
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 memory.start()
-            base.zero_grad(set_to_none=True)
-            sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            sync(args.device)
-            times.append(time.perf_counter() - t0)
-        mib = memory.stop()
-        result[name] = {"times": times[args.warmup :], "mib": mib}
-    best = min(result, key=lambda n: statistics.median(result[n]["times"]))
-    emit(
-        {
-            "times": result[best]["times"],
-            "mib": result[best]["mib"],
-            "mode": best,
-            "medians": {n: statistics.median(r["times"]) for n, r in result.items()},
-        }
-    )
+            times.append(limit.timed(mode))
+        result[mode] = {"times": times[args.warmup :], "mib": memory.stop()}
+    emit(result)
 
 
 WORKERS = {"adamerge": worker_adamerge, "fusionbench": worker_fusionbench, "limit": worker_limit}
@@ -374,28 +384,10 @@ def ensure_fb_venv(python: str) -> None:
 
 
 def run_worker(python: str, name: str, args, K: int) -> dict | None:
-    cmd = [
-        python,
-        __file__,
-        "--worker",
-        name,
-        "--K",
-        str(K),
-        "--model",
-        args.model,
-        "--device",
-        args.device,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--batch",
-        str(args.batch),
-        "--seed",
-        str(args.seed),
-        "--backward",
-        args.backward,
-    ] + (["--profile"] if args.profile and name == "adamerge" else [])
+    """One worker in a fresh process; its JSON result (``None`` if it failed, with its stderr printed)."""
+    cmd = [python, __file__, "--worker", name, "--K", str(K), "--model", args.model, "--device", args.device]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    cmd += ["--seed", str(args.seed), "--backward", args.backward] + (["--profile"] if args.profile else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -408,13 +400,53 @@ def run_worker(python: str, name: str, args, K: int) -> dict | None:
     if proc.returncode != 0 or result is None:
         print(f"  [{name} K={K}] failed (exit {proc.returncode}):\n" + proc.stderr[-3000:], flush=True)
         return None
-    med = statistics.median(result["times"])
-    print(
-        f"  {name:<11} K={K}: median {med:.3f} s/step over {len(result['times'])} steps, "
-        f"peak {result['mib']:.0f} MiB  ({time.perf_counter() - start:.0f} s wall)",
-        flush=True,
-    )
+    parts = result.items() if name == "limit" else [(name, result)]
+    summary = "; ".join(f"{p} {statistics.median(r['times']):.3f} s/step, peak {r['mib']:.0f} MiB" for p, r in parts)
+    print(f"  {name} K={K} ({time.perf_counter() - start:.0f} s wall): {summary}", flush=True)
     return result
+
+
+def pooled(runs: list[dict]) -> dict | None:
+    """The timed steps of several runs together, and the highest peak memory among them."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    return {
+        "times": [t for r in runs for t in r["times"]],
+        "mib": max(r["mib"] for r in runs),
+        "mode": runs[-1].get("mode"),
+    }
+
+
+def measure(args, K: int) -> dict:
+    """One row. adamerge and the limit run alone, each in a fresh process (so peak memory is its own), alternating
+    over ``--rounds`` rounds with their steps pooled, so that a drift in the machine's speed hits both alike."""
+    ada, limit = [], {m: [] for m in LIMIT_MODES}
+    for _ in range(args.rounds):
+        ada.append(run_worker(sys.executable, "adamerge", args, K))
+        lim = run_worker(sys.executable, "limit", args, K) or {}
+        for mode in LIMIT_MODES:
+            limit[mode].append(lim.get(mode))
+    fb = None if args.skip_fusionbench else run_worker(args.fb_python, "fusionbench", args, K)
+    ada, limit = pooled(ada), {m: pooled(r) for m, r in limit.items()}
+    medians = {m: statistics.median(r["times"]) for m, r in limit.items() if r}
+    mode = min(medians, key=medians.get) if medians else None
+    a = statistics.median(ada["times"]) if ada else None
+    lo, f = medians.get(mode), statistics.median(fb["times"]) if fb else None
+    return {
+        "K": K,
+        "adamerge_s": a,
+        "fusionbench_s": f,
+        "limit_s": lo,
+        "vs_fusionbench": f / a if a and f else None,
+        "vs_limit": a / lo if a and lo else None,
+        "adamerge_mib": ada["mib"] if ada else None,
+        "fusionbench_mib": fb["mib"] if fb else None,
+        "limit_mib": limit[mode]["mib"] if mode else None,
+        "limit_mode": mode,
+        "limit_medians": medians,
+        "adamerge_mode": ada["mode"] if ada else None,
+    }
 
 
 def main(argv=None):
@@ -422,7 +454,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=sorted(NUM_LABELS), default="minilm")
     parser.add_argument("--experts", default="4,8", help="comma-separated numbers of experts K")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating adamerge / limit runs, steps pooled")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=16, help="examples per task batch")
     parser.add_argument("--seed", type=int, default=0)
@@ -451,37 +484,16 @@ def main(argv=None):
     rows = []
     for K in [int(k) for k in args.experts.split(",")]:
         print(f"K = {K}", flush=True)
-        ada = run_worker(sys.executable, "adamerge", args, K)
-        fb = None if args.skip_fusionbench else run_worker(args.fb_python, "fusionbench", args, K)
-        lim = run_worker(sys.executable, "limit", args, K)
-
-        def med(r):
-            return statistics.median(r["times"]) if r else None
-
-        a, f, lo = med(ada), med(fb), med(lim)
-        rows.append(
-            {
-                "K": K,
-                "adamerge_s": a,
-                "fusionbench_s": f,
-                "limit_s": lo,
-                "vs_fusionbench": f / a if a and f else None,
-                "vs_limit": a / lo if a and lo else None,
-                "adamerge_mib": ada["mib"] if ada else None,
-                "fusionbench_mib": fb["mib"] if fb else None,
-                "limit_mib": lim["mib"] if lim else None,
-                "limit_mode": lim.get("mode") if lim else None,
-                "adamerge_mode": ada.get("mode") if ada else None,
-            }
-        )
+        rows.append(measure(args, K))
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     memory = "CUDA max allocated" if args.device == "cuda" else "peak VmRSS of the process"
     print(
-        f"\n{args.model} on {args.device}, batch {args.batch} per task, median of {args.steps} steps "
-        f"(after {args.warmup} warm-up); memory: {memory} (MiB)"
+        f"\n{args.model} on {args.device}, batch {args.batch} per task; medians of {args.rounds} x {args.steps} steps "
+        f"(adamerge and limit runs alternating, each after {args.warmup} warm-up step(s)), FusionBench {args.steps} "
+        f"steps; memory: {memory} (MiB)"
     )
     header = (
         f"{'K':>3} {'adamerge s':>11} {'FusionBench s':>14} {'limit s':>9} {'FB/adamerge':>12} "

@@ -1,0 +1,43 @@
+"""Activation checkpointing under functional_call: recomputed blocks see the merged tensors, gradients unchanged."""
+
+import pytest
+import torch
+
+from adamerge.merging import MergedModel, two_stage_backward
+from adamerge.pool import make_pool
+
+
+def coefficient_grads(merged, batch):
+    def run(params):
+        for task in merged.experts:
+            yield merged(**batch, task=task, params=params).logits.logsumexp(-1).mean()
+
+    merged.coefficients.raw.grad = None
+    two_stage_backward(merged, run)
+    return merged.coefficients.raw.grad.clone()
+
+
+def test_checkpointed_blocks_recompute_with_the_merged_tensors(base_model, expert_states, batch):
+    pool = make_pool(base_model, expert_states)
+    plain = MergedModel(pool, granularity="layer", init=0.4)
+    checkpointed = MergedModel(pool, granularity="layer", init=0.4, activation_checkpointing=True)
+    assert checkpointed.checkpointed == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+
+    calls = []
+    block = checkpointed.model.get_submodule("bert.encoder.layer.1.intermediate")  # a module inside a block
+    block.register_forward_hook(lambda module, args, out: calls.append(module.dense.weight.data_ptr()))
+    grads = coefficient_grads(checkpointed, batch)
+    # each task's forward ran the block twice, the second time in the backward, both times on the merged tensors
+    assert len(calls) == 2 * len(checkpointed.experts)
+    merged_weight = checkpointed.training_leaves(checkpointed.coefficients().detach())
+    assert set(calls) == {merged_weight["bert.encoder.layer.1.intermediate.dense.weight"].data_ptr()}
+    torch.testing.assert_close(grads, coefficient_grads(plain, batch), atol=1e-6, rtol=1e-5)
+    # the wrappers are gone after the forward, and evaluation (no grad) never checkpoints
+    assert "forward" not in checkpointed.model.get_submodule("bert.encoder.layer.0").__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(**batch, task="task0").logits, plain(**batch, task="task0").logits)
+
+
+def test_no_block_found_is_a_clear_error(base_model, expert_states):
+    with pytest.raises(ValueError, match="method.block_pattern"):
+        MergedModel(make_pool(base_model, expert_states), activation_checkpointing=True, block_pattern=r"^(nothing)\.")
