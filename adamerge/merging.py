@@ -255,6 +255,7 @@ class MergedModel(nn.Module):
         rank: int | None = None,
         energy: float | None = None,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if storage not in STORAGES:
@@ -269,6 +270,12 @@ class MergedModel(nn.Module):
                 f"activation checkpointing found no block matching {block_pattern!r} among the merged tensors; "
                 "set method.block_pattern to the model's layer names"
             )
+        if compile and activation_checkpointing:
+            raise ValueError("method.compile and method.activation_checkpointing cannot be combined; choose one")
+        # torch.compile of the functional forward: the swapped-in tensors are graph inputs, so new values (every step,
+        # every task's head) reuse one graph; on the 2-core CPU it did not pay (README), so it is off by default.
+        self.compiled = compile
+        self.call = torch.compile(self.functional_forward) if compile else self.functional_forward
         self.granularity = granularity
         self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
         self.storage = storage
@@ -375,7 +382,10 @@ class MergedModel(nn.Module):
             params |= self.head(task)
         if self.checkpointed and torch.is_grad_enabled():
             with checkpointed_blocks(self.model, self.checkpointed, params):
-                return functional_call(self.model, params, args, kwargs, strict=False)
+                return self.call(params, args, kwargs)
+        return self.call(params, args, kwargs)
+
+    def functional_forward(self, params: Mapping[str, Tensor], args: tuple, kwargs: dict):
         return functional_call(self.model, params, args, kwargs, strict=False)
 
     @torch.no_grad()

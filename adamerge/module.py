@@ -38,7 +38,8 @@ class MergeModule(L.LightningModule):
             memory at a time) and maps the merged tensors' gradients to the coefficients in one pass
             (``two_stage_backward``); ``concat`` does the same with one forward+backward over the task batches
             concatenated (each task's head on its rows, ``adamerge.batching``; steps whose batches cannot be joined
-            fall back to ``split``); ``joint`` sums the task losses and runs one plain autograd backward through the
+            fall back to ``split``, as do all steps of a compiled model, whose graph would change with the per-step
+            head hooks); ``joint`` sums the task losses and runs one plain autograd backward through the
             merge (the reference path); ``auto`` times ``split`` and ``concat`` on the first steps and keeps the
             faster (``concat`` only if at least 5% faster, since it holds every task's activations at once;
             ``split`` if ``concat`` runs out of memory).
@@ -95,7 +96,7 @@ class MergeModule(L.LightningModule):
             losses = list(self.task_losses(batch, self.merged.merged_tensors()))
             self.manual_backward(torch.stack(losses).sum())
             return [loss.detach() for loss in losses]
-        if mode == "concat" and concatenable(batch):
+        if mode == "concat" and concatenable(batch) and not getattr(self.merged, "compiled", False):
             losses = []
 
             def run(params):
@@ -111,7 +112,7 @@ class MergeModule(L.LightningModule):
         if self.backward_mode != "auto":
             return self.backward_mode
         split, concat = self.step_times["split"], self.step_times["concat"]
-        if len(concat) < AUTO_TRIALS and concatenable(batch):
+        if len(concat) < AUTO_TRIALS and concatenable(batch) and not getattr(self.merged, "compiled", False):
             return "split" if len(split) <= len(concat) else "concat"
         return "concat" if concat and split and concat_pays(split, concat) else "split"
 

@@ -91,18 +91,26 @@ def run(cfg: DictConfig) -> dict:
 
 
 def merged_model(
-    pool, storage: str = "resident", rank=None, energy=None, activation_checkpointing: bool = False, **kwargs
+    pool,
+    storage: str = "resident",
+    rank=None,
+    energy=None,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    **kwargs,
 ) -> MergedModel | LoraMergedModel:
     """The functional merged model for a pool: dense task vectors, or LoRA factors composed without densifying."""
     if isinstance(pool, LoraPool):
         if storage != "resident":
             raise ValueError("LoRA factors are small and always resident; set method.storage=resident")
-        if activation_checkpointing:
-            raise ValueError("activation checkpointing is for dense experts; set method.activation_checkpointing=false")
+        if activation_checkpointing or compile:
+            raise ValueError(
+                "activation checkpointing and compile are for dense experts; set method.activation_checkpointing=false "
+                "and method.compile=false"
+            )
         return LoraMergedModel(pool, **kwargs)
-    return MergedModel(
-        pool, storage=storage, rank=rank, energy=energy, activation_checkpointing=activation_checkpointing, **kwargs
-    )
+    options = dict(activation_checkpointing=activation_checkpointing, compile=compile)
+    return MergedModel(pool, storage=storage, rank=rank, energy=energy, **options, **kwargs)
 
 
 def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
@@ -118,6 +126,7 @@ def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
         rank=method.get("rank"),
         energy=method.get("energy"),
         activation_checkpointing=method.get("activation_checkpointing", False),
+        compile=method.get("compile", False),
         **({"block_pattern": method.block_pattern} if method.get("block_pattern") else {}),
     )
 

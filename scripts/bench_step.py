@@ -210,7 +210,8 @@ def worker_adamerge(args):
     experts = {f"task{k}": expert_state(base, args.seed, k) for k in range(args.K)}
     pool = make_pool(base, experts, device=args.device)
     del experts
-    merged = MergedModel(pool, granularity="layer", init=0.3)
+    options = {"activation_checkpointing": args.checkpointing, "compile": args.compile}
+    merged = MergedModel(pool, granularity="layer", init=0.3, **options)
     module = MergeModule(merged, entropy_objective, partial(torch.optim.Adam, lr=1e-3), backward=args.backward)
     if args.backward == "auto":  # auto's trial steps (split and concat, alternating) are not timed
         args.warmup += 2 * AUTO_TRIALS
@@ -387,7 +388,8 @@ def run_worker(python: str, name: str, args, K: int) -> dict | None:
     """One worker in a fresh process; its JSON result (``None`` if it failed, with its stderr printed)."""
     cmd = [python, __file__, "--worker", name, "--K", str(K), "--model", args.model, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    cmd += ["--seed", str(args.seed), "--backward", args.backward] + (["--profile"] if args.profile else [])
+    cmd += ["--seed", str(args.seed), "--backward", args.backward]
+    cmd += [f"--{flag}" for flag in ("profile", "checkpointing", "compile") if getattr(args, flag)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -464,6 +466,8 @@ def main(argv=None):
     parser.add_argument(
         "--backward", choices=["auto", "split", "concat", "joint"], default="auto", help="adamerge's method.backward"
     )
+    parser.add_argument("--checkpointing", action="store_true", help="adamerge with method.activation_checkpointing")
+    parser.add_argument("--compile", action="store_true", help="adamerge with method.compile (first steps compile)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adamerge step")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--K", type=int, help=argparse.SUPPRESS)

@@ -41,3 +41,35 @@ def test_checkpointed_blocks_recompute_with_the_merged_tensors(base_model, exper
 def test_no_block_found_is_a_clear_error(base_model, expert_states):
     with pytest.raises(ValueError, match="method.block_pattern"):
         MergedModel(make_pool(base_model, expert_states), activation_checkpointing=True, block_pattern=r"^(nothing)\.")
+
+
+def saved_activation_bytes(merged, batch) -> int:
+    """Bytes autograd keeps for the backward during one forward (activations; the merged weights excluded)."""
+    leaves = merged.training_leaves(merged.coefficients().detach())
+    weights = {t.data_ptr() for t in leaves.values()}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        merged(**batch, task="task0", params=leaves).logits.sum().backward()
+    return sum(seen.values())
+
+
+def test_checkpointing_keeps_fewer_activations():
+    from transformers import BertForSequenceClassification
+
+    from tests.conftest import perturbed, tiny_bert_config
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config(num_hidden_layers=4)).eval()
+    experts = {f"task{k}": perturbed(base, seed=k + 1) for k in range(2)}
+    pool = make_pool(base, experts)
+    batch = {"input_ids": torch.randint(1, 40, (8, 16)), "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    plain = saved_activation_bytes(MergedModel(pool), batch)
+    checkpointed = saved_activation_bytes(MergedModel(pool, activation_checkpointing=True), batch)
+    print(f"saved activations: {plain} bytes plain, {checkpointed} checkpointed")
+    assert checkpointed < 0.5 * plain
