@@ -187,7 +187,10 @@ def local_path(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-    return Path(snapshot_download(source, allow_patterns=patterns))
+    snapshot = Path(snapshot_download(source, allow_patterns=patterns))
+    if not any(snapshot.glob("*.safetensors")):  # a legacy repo with .bin weights only: fetch those too
+        snapshot = Path(snapshot_download(source, allow_patterns=[*patterns, "*.bin"]))
+    return snapshot
 
 
 def open_reader(

@@ -159,3 +159,43 @@ def test_pool_accepts_modules(base_model, expert_states):
     pool = make_pool(base_model, {"mod": expert})
     name = "bert.pooler.dense.weight"
     torch.testing.assert_close(pool.task_vectors[name][0], expert.get_parameter(name) - base_model.get_parameter(name))
+
+
+def fake_hub(monkeypatch, tmp_path, repos):
+    """``huggingface_hub.snapshot_download`` over local folders: copies the files ``allow_patterns`` admits."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append(list(allow_patterns))
+        out = tmp_path / "hub" / repo_id.replace("/", "--")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in repos[repo_id].iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_experts_with_safetensors_or_only_legacy_bin_weights(tmp_path, monkeypatch, base_model, expert_states):
+    repos = {}
+    for k, (name, safe) in enumerate([("org/new-expert", True), ("org/legacy-expert", False)]):
+        model = copy.deepcopy(base_model)
+        model.load_state_dict(expert_states[f"task{k}"])
+        repos[name] = tmp_path / name.replace("/", "_")
+        model.save_pretrained(repos[name])
+        if not safe:  # transformers >= 5 writes safetensors only: make the legacy layout by hand
+            (repos[name] / "model.safetensors").unlink()
+            torch.save(model.state_dict(), repos[name] / "pytorch_model.bin")
+    calls = fake_hub(monkeypatch, tmp_path, repos)
+    pool = make_pool(base_model, {"new": "org/new-expert", "legacy": "org/legacy-expert"})
+    assert [any("*.bin" in p for p in c) for c in calls] == [False, False, True]  # .bin fetched only when needed
+    expected = make_pool(base_model, {"new": expert_states["task0"], "legacy": expert_states["task1"]})
+    for name, tau in expected.task_vectors.items():
+        torch.testing.assert_close(pool.task_vectors[name], tau)
