@@ -54,10 +54,8 @@ Choices where the paper leaves room (all arguments):
   extra columns, fixed seed) otherwise; the second SVD (of the tall ``[m, K k]`` stack) goes through its ``K k``
   Gram matrix in float64. Both avoid batched LAPACK SVDs, which take tens of seconds per model on a CPU.
 
-Vectorised: tensors of equal shape are stacked into ``[L, K, m, n]`` and solved as one problem. The objective is
-quadratic, so its gradient is written out (two batched passes over the stack per step); Adam is elementwise, so one
-Adam over ``[L, m, n]`` follows the same path as ``L`` separate per-layer runs (:func:`solve_reference`, autograd)
-up to rounding. The solve runs on the task vectors' device in fp32 (float64 stays float64; bf16 is upcast).
+This module sets the problem up (coefficients, shared subspace), checks the arguments and merges; the objective
+and its solvers (batched projected Adam or CG, and the per-layer reference) are in :mod:`adamerge.doge_solvers`.
 """
 
 from __future__ import annotations
@@ -70,43 +68,29 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from adamerge.doge_solvers import FORMS, SOLVERS, check_choice, doge_objective, solve_batched, solve_dtype
 from adamerge.kernels import task_arithmetic, trim
 from adamerge.pool import ExpertPool
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMS",
-    "SOLVERS",
     "doge_merge",
-    "doge_objective",
     "doge_transform",
-    "project_out",
     "shared_subspace",
     "top_singular",
-    "solve_batched",
     "solve_pool",
-    "solve_reference",
     "task_aware_coefficients",
 ]
 
-FORMS = ("row", "matrix")
-SOLVERS = ("adam", "cg")
 RANK_TOL = 1e-4
 """Singular values below this fraction of the largest are treated as zero (fp32 noise is ~1e-7)."""
 OVERSAMPLE = 10
 POWER_ITERS = 4
 """Randomized SVD settings (see :func:`top_singular`)."""
-CG_TOL = 1e-5
-"""CG stops (per tensor) once the residual norm falls below this fraction of its start."""
 
 
 # --------------------------------------------------------------------------------------------------- kernels
-
-
-def solve_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype DOGE solves in: float64 stays, everything else is upcast to float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def task_aware_coefficients(tau: Tensor, eta: float, batch_dims: int = 0) -> Tensor:
@@ -185,172 +169,6 @@ def shared_subspace(tau: Tensor, rank_ratio: float, exact: bool | None = None) -
     keep = s2 > RANK_TOL * s2.amax(dim=-1, keepdim=True)
     w = torch.where(keep.unsqueeze(-2), w / torch.where(keep, s2, 1).unsqueeze(-2), 0)
     return (stacked.double() @ w).to(stacked.dtype).flip(-1)  # (*, m, K k): strongest direction first
-
-
-def project_out(g: Tensor, U: Tensor) -> Tensor:
-    """``g - U U^T g``: the part of ``g [*, m, n]`` orthogonal to the columns of ``U [*, m, r]``."""
-    coef = U.mT @ g  # (*, r, n)
-    if g.dim() == 2:  # fused multiply-subtract: one pass over g instead of two
-        return torch.addmm(g, U, coef, alpha=-1)
-    if g.dim() == 3 and U.dim() == 3:
-        return torch.baddbmm(g, U, coef, alpha=-1)
-    return g - U @ coef
-
-
-def doge_objective(tau: Tensor, lam: Tensor, delta: Tensor, form: str = "row") -> Tensor:
-    """The data-free gap ``sum_j ||tau_j^T (tau_j - sum_i lam_i (tau_i + delta))||^2``, written out directly.
-
-    Args:
-        tau: stack ``[*batch, K, m, n]``.
-        lam: coefficients ``[*batch, K]``.
-        delta: modification ``[*batch, m, n]``.
-        form: ``"row"`` (an inner product per row) or ``"matrix"`` (one per whole matrix).
-
-    Returns:
-        ``[*batch]``.
-    """
-    _check_choice(form, FORMS, "form", "method.merge")
-    merged = torch.einsum("...k,...kmn->...mn", lam, tau + delta.unsqueeze(-3))
-    inner = (tau * (tau - merged.unsqueeze(-3))).sum(-1)  # (*, K, m)
-    if form == "matrix":
-        return inner.sum(-1).square().sum(-1)
-    return inner.square().sum((-2, -1))
-
-
-def _rows(T: Tensor, x: Tensor) -> Tensor:
-    """``<tau_k[r], x[r]>`` for every row r and expert k: ``T [L, m, K, n]``, ``x [L, m, n]`` -> ``[L, m, K]``."""
-    return torch.einsum("lmkn,lmn->lmk", T, x)  # 2-3x faster on CPU than the equivalent batched matmul
-
-
-def _combine(T: Tensor, c: Tensor) -> Tensor:
-    """``sum_k c[r, k] tau_k[r]`` row by row: ``c [L, m or 1, K]`` -> ``[L, m, n]``."""
-    return (c.unsqueeze(-2) @ T).squeeze(-2)
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum((-2, -1), keepdim=True)
-
-
-def solve_batched(
-    tau: Tensor,
-    lam: Tensor,
-    U: Tensor,
-    form: str = "row",
-    solver: str = "adam",
-    steps: int = 400,
-    lr: float = 1e-4,
-    project_update: bool = True,
-) -> Tensor:
-    """Delta for ``L`` tensors of one shape at once, by projected Adam or projected conjugate gradient.
-
-    With ``c = a - s J delta`` (``a``: the inner products at ``delta = 0``, ``s = sum_i lam_i``, ``J delta``: the
-    inner products of the task vectors with ``delta``) the objective is ``||c||^2`` and its gradient
-    ``-2 s J^T c``.
-
-    Args:
-        tau: stack ``[L, K, m, n]`` in the solve dtype.
-        lam: coefficients ``[L, K]``.
-        U: shared-subspace bases ``[L, m, r]`` (see :func:`shared_subspace`).
-        form: ``"row"`` or ``"matrix"`` (see the module docstring).
-        solver: ``"adam"`` (the paper's optimiser) or ``"cg"`` (exact minimiser).
-        steps: Adam steps or CG iterations.
-        lr: Adam learning rate (unused by CG).
-        project_update: Adam only: also project the iterate after each step, not just the gradient.
-
-    Returns:
-        ``delta [L, m, n]``, orthogonal to ``U``.
-    """
-    T = tau.transpose(-3, -2).contiguous()  # (L, m, K, n): one small [K, n] matrix per row
-    s = lam.sum(-1)[:, None, None]  # (L, 1, 1)
-    merged = torch.einsum("lk,lkmn->lmn", lam, tau)
-
-    def inner(x: Tensor) -> Tensor:  # J x: (L, m, K), or (L, 1, K) for the matrix form
-        rows = _rows(T, x)
-        return rows.sum(-2, keepdim=True) if form == "matrix" else rows
-
-    a = inner(-merged) + (T.square().sum(-1).sum(-2, keepdim=True) if form == "matrix" else T.square().sum(-1))
-    delta = torch.zeros_like(merged)
-    if solver == "cg":
-        rhs = s * _combine(T, a)  # normal equations s^2 J^T J delta = s J^T a, on the complement of U
-        return _projected_cg(
-            lambda x: project_out(s.square() * _combine(T, inner(x)), U), project_out(rhs, U), _dot(rhs, rhs), steps
-        )
-    delta.requires_grad_(True)
-    optimizer = adam(delta, lr)
-    with torch.no_grad():
-        for _ in range(steps):
-            residual = a - s * inner(delta)  # (L, m or 1, K): scale this, not the [L, m, n] gradient
-            delta.grad = project_out(_combine(T, -2 * s * residual), U)
-            optimizer.step()
-            if project_update:
-                delta.copy_(project_out(delta, U))
-    return delta.detach()
-
-
-def adam(param: Tensor, lr: float) -> torch.optim.Adam:
-    """The Adam both solvers use: default betas and eps, fused where PyTorch has a fused kernel (8x on CPU)."""
-    fused = param.device.type in ("cpu", "cuda")
-    return torch.optim.Adam([param], lr=lr, fused=fused or None)
-
-
-def _projected_cg(hessian, rhs: Tensor, scale: Tensor, steps: int) -> Tensor:
-    """Conjugate gradient for ``H x = rhs``, one system per leading index, each stopped at ``CG_TOL``.
-
-    The tolerance is relative to ``scale`` (the squared norm of the unprojected right-hand side): when ``U`` spans
-    everything, the projected one is rounding noise, and CG on noise with a null Hessian diverges.
-    """
-    x = torch.zeros_like(rhs)
-    r, p = rhs.clone(), rhs.clone()
-    rs = _dot(r, r)
-    stop = CG_TOL**2 * scale
-    for _ in range(steps):
-        active = rs > stop
-        if not active.any():
-            break
-        hp = hessian(p)
-        php = _dot(p, hp)
-        alpha = torch.where(active & (php > 0), rs / php, torch.zeros_like(rs))
-        x = x + alpha * p
-        r = r - alpha * hp
-        rs_new = _dot(r, r)
-        p = r + torch.where(active, rs_new / rs, torch.zeros_like(rs)) * p
-        rs = torch.where(active, rs_new, rs)
-    return x
-
-
-def solve_reference(
-    tau: Tensor,
-    lam: Tensor,
-    U: Tensor,
-    form: str = "row",
-    steps: int = 400,
-    lr: float = 1e-4,
-    project_update: bool = True,
-) -> Tensor:
-    """Reference: one tensor, autograd through :func:`doge_objective`, projected gradient, ``torch.optim.Adam``.
-
-    The per-layer loop the batched solver replaces; for tests and benchmarks.
-
-    Args:
-        tau: stack ``[K, m, n]``.
-        lam: coefficients ``[K]``.
-        U: shared-subspace basis ``[m, r]``.
-        form, steps, lr, project_update: as in :func:`solve_batched`.
-
-    Returns:
-        ``delta [m, n]``.
-    """
-    delta = torch.zeros(tau.shape[1:], dtype=tau.dtype, device=tau.device, requires_grad=True)
-    optimizer = adam(delta, lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        doge_objective(tau, lam, delta, form).backward()
-        with torch.no_grad():
-            delta.grad = project_out(delta.grad, U)
-            optimizer.step()
-            if project_update:
-                delta.copy_(project_out(delta, U))
-    return delta.detach()
 
 
 # --------------------------------------------------------------------------------------------------- pool level
@@ -504,11 +322,6 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], name: str, key: str) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown DOGE {name} {value!r}; choose one of {choices} (config key: {key}.{name})")
-
-
 def _check_top_k(top_k: float | None, key: str) -> None:
     if top_k is not None and not (_is_number(top_k) and 0 < top_k <= 1):
         raise ValueError(f"top_k must be a fraction in (0, 1] or null, got {top_k!r} (config key: {key}.top_k)")
@@ -519,8 +332,8 @@ def _check_args(key, eta, rank_ratio, form, solver, steps, lr, coefficients, max
         raise ValueError(f"eta must be a number > 0, got {eta!r} (config key: {key}.eta)")
     if not (_is_number(rank_ratio) and 0 <= rank_ratio <= 1):
         raise ValueError(f"rank_ratio must be in [0, 1], got {rank_ratio!r} (config key: {key}.rank_ratio)")
-    _check_choice(form, FORMS, "form", key)
-    _check_choice(solver, SOLVERS, "solver", key)
+    check_choice(form, FORMS, "form", key)
+    check_choice(solver, SOLVERS, "solver", key)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r} (config key: {key}.steps)")
     if not (_is_number(lr) and lr > 0):

@@ -38,8 +38,8 @@ class MergeModule(L.LightningModule):
             memory at a time) and maps the merged tensors' gradients to the coefficients in one pass
             (``two_stage_backward``); ``concat`` does the same with one forward+backward over the task batches
             concatenated (each task's head on its rows, ``adamerge.batching``; steps whose batches cannot be joined
-            fall back to ``split``, as do all steps of a compiled model, whose graph would change with the per-step
-            head hooks); ``joint`` sums the task losses and runs one plain autograd backward through the
+            fall back to ``split``; a compiled model refuses it, since the per-step head hooks would change its
+            graph); ``joint`` sums the task losses and runs one plain autograd backward through the
             merge (the reference path); ``auto`` times ``split`` and ``concat`` on the first steps and keeps the
             faster (``concat`` only if at least 5% faster, since it holds every task's activations at once;
             ``split`` if ``concat`` runs out of memory).
@@ -57,6 +57,10 @@ class MergeModule(L.LightningModule):
         if backward not in BACKWARD_MODES:
             raise ValueError(
                 f"unknown backward mode {backward!r}; choose one of {BACKWARD_MODES} (config key: method.backward)"
+            )
+        if backward == "concat" and getattr(merged, "compiled", False):
+            raise ValueError(
+                "method.backward=concat cannot run a compiled model; use split or auto (or method.compile=false)"
             )
         self.merged = merged
         self.objective = objective
@@ -96,7 +100,7 @@ class MergeModule(L.LightningModule):
             losses = list(self.task_losses(batch, self.merged.merged_tensors()))
             self.manual_backward(torch.stack(losses).sum())
             return [loss.detach() for loss in losses]
-        if mode == "concat" and concatenable(batch) and not getattr(self.merged, "compiled", False):
+        if mode == "concat" and self.can_concat(batch):
             losses = []
 
             def run(params):
@@ -107,12 +111,16 @@ class MergeModule(L.LightningModule):
             return [loss.detach() for loss in losses]
         return two_stage_backward(self.merged, lambda params: self.task_losses(batch, params), self.manual_backward)
 
+    def can_concat(self, batch: Mapping[str, Mapping[str, Tensor]]) -> bool:
+        """Task batches of equal shapes, on a model that is not compiled (the head hooks would change its graph)."""
+        return concatenable(batch) and not getattr(self.merged, "compiled", False)
+
     def choose_mode(self, batch: Mapping[str, Mapping[str, Tensor]]) -> str:
         """``backward=auto``: alternate split and concat for the first steps, then keep the faster one."""
         if self.backward_mode != "auto":
             return self.backward_mode
         split, concat = self.step_times["split"], self.step_times["concat"]
-        if len(concat) < AUTO_TRIALS and concatenable(batch) and not getattr(self.merged, "compiled", False):
+        if len(concat) < AUTO_TRIALS and self.can_concat(batch):
             return "split" if len(split) <= len(concat) else "concat"
         return "concat" if concat and split and concat_pays(split, concat) else "split"
 
@@ -176,6 +184,10 @@ class MergeModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith("coefficients.raw")}
+        checkpoint["backward_step_times"] = self.step_times  # a resumed auto run keeps the mode it chose
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.step_times = checkpoint.get("backward_step_times", self.step_times)
 
 
 def concat_pays(split: list[float], concat: list[float]) -> bool:

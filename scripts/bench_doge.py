@@ -22,7 +22,8 @@ import time
 import torch
 from torch import nn
 
-from adamerge.doge import doge_objective, shared_subspace, solve_pool, solve_reference, task_aware_coefficients
+from adamerge.doge import shared_subspace, solve_pool, task_aware_coefficients
+from adamerge.doge_solvers import doge_objective, solve_reference
 from adamerge.pool import ExpertPool, make_pool
 
 

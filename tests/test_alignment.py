@@ -8,17 +8,10 @@ import datasets
 import pytest
 import torch
 
-from adamerge.alignment import (
-    ExpertAlignment,
-    build_teacher_cache,
-    distill_kl,
-    expert_targets,
-    fit_coefficients,
-    sample_positions,
-    select_layers,
-)
+from adamerge.alignment import ExpertAlignment, distill_kl, fit_coefficients
 from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
+from adamerge.teachers import build_teacher_cache, expert_targets, sample_positions, select_layers
 
 
 @pytest.fixture

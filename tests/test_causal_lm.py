@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from adamerge.alignment import ExpertAlignment, build_teacher_cache, fit_coefficients
+from adamerge.alignment import ExpertAlignment, fit_coefficients
 from adamerge.causal_lm import build_tiny_lm, lm_loss, with_expert_responses
 from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
+from adamerge.teachers import build_teacher_cache
 
 PROMPT = 7  # 6 prompt tokens + the separator (adamerge.causal_lm.lm_task_dataset defaults)
 

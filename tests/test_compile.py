@@ -35,3 +35,13 @@ def test_compiled_forward_matches_eager_without_recompiling(base_model, expert_s
 def test_compile_and_checkpointing_are_exclusive(base_model, expert_states):
     with pytest.raises(ValueError, match="cannot be combined"):
         MergedModel(make_pool(base_model, expert_states), compile=True, activation_checkpointing=True)
+
+
+def test_concat_refuses_a_compiled_model(base_model, expert_states):
+    from adamerge.module import MergeModule
+    from adamerge.objectives import entropy_objective
+
+    merged = MergedModel(make_pool(base_model, expert_states), compile=True)
+    with pytest.raises(ValueError, match="backward=concat cannot run a compiled model"):
+        MergeModule(merged, entropy_objective, torch.optim.SGD, backward="concat")
+    assert not MergeModule(merged, entropy_objective, torch.optim.SGD).can_concat({"a": {}, "b": {}})

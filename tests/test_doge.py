@@ -14,16 +14,13 @@ from transformers import BertForSequenceClassification
 
 from adamerge.doge import (
     doge_merge,
-    doge_objective,
     doge_transform,
-    project_out,
     shared_subspace,
-    solve_batched,
     solve_pool,
-    solve_reference,
     task_aware_coefficients,
     top_singular,
 )
+from adamerge.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
 from adamerge.kernels import trim
 from adamerge.pool import make_pool
 from adamerge.static import static_merge
