@@ -25,6 +25,19 @@ def tiny_bert_config(**overrides) -> BertConfig:
     return BertConfig(**(kwargs | overrides))
 
 
+def coefficient_grads(merged, batch) -> torch.Tensor:
+    """d(sum over tasks of mean logsumexp) / d raw coefficients, through the trainer's two-stage backward."""
+    from adamerge.merging import two_stage_backward
+
+    def run(params):
+        for task in merged.experts:
+            yield merged(**batch, task=task, params=params).logits.logsumexp(-1).mean()
+
+    merged.coefficients.raw.grad = None
+    two_stage_backward(merged, run)
+    return merged.coefficients.raw.grad.clone()
+
+
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """An 'expert': every floating tensor moved by seeded noise."""
     g = torch.Generator().manual_seed(seed)

@@ -3,18 +3,9 @@
 import pytest
 import torch
 
-from adamerge.merging import MergedModel, two_stage_backward
+from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
-
-
-def coefficient_grads(merged, batch):
-    def run(params):
-        for task in merged.experts:
-            yield merged(**batch, task=task, params=params).logits.logsumexp(-1).mean()
-
-    merged.coefficients.raw.grad = None
-    two_stage_backward(merged, run)
-    return merged.coefficients.raw.grad.clone()
+from tests.conftest import coefficient_grads, perturbed, tiny_bert_config
 
 
 def test_checkpointed_blocks_recompute_with_the_merged_tensors(base_model, expert_states, batch):
@@ -61,8 +52,6 @@ def saved_activation_bytes(merged, batch) -> int:
 
 def test_checkpointing_keeps_fewer_activations():
     from transformers import BertForSequenceClassification
-
-    from tests.conftest import perturbed, tiny_bert_config
 
     torch.manual_seed(0)
     base = BertForSequenceClassification(tiny_bert_config(num_hidden_layers=4)).eval()

@@ -4,18 +4,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from adamerge.merging import MergedModel, two_stage_backward
+from adamerge.merging import MergedModel
 from adamerge.pool import make_pool
-
-
-def coefficient_grads(merged, batch):
-    def run(params):
-        for task in merged.experts:
-            yield merged(**batch, task=task, params=params).logits.logsumexp(-1).mean()
-
-    merged.coefficients.raw.grad = None
-    two_stage_backward(merged, run)
-    return merged.coefficients.raw.grad.clone()
+from tests.conftest import coefficient_grads
 
 
 def test_compiled_forward_matches_eager_without_recompiling(base_model, expert_states, batch):
