@@ -98,8 +98,9 @@ def run_bench(args) -> dict:
         base.append(f"experts.tasks=[{args.tasks}]")
     if args.max_eval:
         base.append(f"data.max_eval={args.max_eval}")
+    # method.* overrides may name keys of one method only (method.merge.eta): they join each method's own compose
+    cfg = compose_cfg(base + [o for o in args.overrides if not o.lstrip("+~").startswith("method.")])
     base += args.overrides
-    cfg = compose_cfg(base)
     wanted = set(args.methods.split(",")) if args.methods else None
 
     def selected(name: str) -> bool:
