@@ -7,6 +7,9 @@ the merged model, and Lightning checkpoints of the coefficients.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -151,7 +154,8 @@ def learn(cfg: DictConfig, merged, datamodule, steps: int | None = None, quiet: 
     )
     if quiet:
         trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[], logger=False, enable_checkpointing=False)
-        trainer.fit(module, datamodule=datamodule)
+        with expected_lightning_warnings():
+            trainer.fit(module, datamodule=datamodule)
         return trainer
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
@@ -160,8 +164,22 @@ def learn(cfg: DictConfig, merged, datamodule, steps: int | None = None, quiet: 
     if ckpt_path == "last" and not Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists():
         log.warning("ckpt_path=last but no checkpoint in %s/checkpoints: starting fresh", cfg.paths.output_dir)
         ckpt_path = None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with expected_lightning_warnings():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
+
+
+@contextmanager
+def expected_lightning_warnings() -> Iterator[None]:
+    """Silence Lightning's warnings about what adamerge does on purpose, so the ones left mean something.
+
+    The frozen base runs in eval mode (no dropout while coefficients train), and checkpoints are taken after the
+    optimizer step, which is what resuming needs (the step counter and the coefficients agree).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+        yield
 
 
 def log_results(trainer, table: list[dict]) -> None:
