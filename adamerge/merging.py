@@ -292,6 +292,8 @@ class MergedModel(nn.Module):
             self.task_vectors = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in dense.items()}
         self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
         self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
+        self._leaves: dict[str, Tensor] | None = None  # training_leaves' persistent buffers
+        self._leaves_place: tuple | None = None
 
     @property
     def num_experts(self) -> int:
@@ -313,8 +315,7 @@ class MergedModel(nn.Module):
         lam = self.coefficients() if lam is None else lam
         base = dict(self.model.named_parameters())
         merge = StreamedMerge.apply if self.storage == "streamed" else merge_tensor
-        dense = dict(self.task_vectors.items())
-        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
+        dense, factors = dict(self.task_vectors.items()), self.low_rank_factors()
         return {
             name: merge(base[name], dense[name], lam[:, cols])
             if name in dense
@@ -328,16 +329,11 @@ class MergedModel(nn.Module):
         Made once (base dtype, base device) and reused every step; ``coefficient_grad`` maps their gradients back.
         """
         base = dict(self.model.named_parameters())
-        first = base[self.names[0]]
-        buffers = getattr(self, "_leaves", None)
-        if buffers is None or (buffers[self.names[0]].device, buffers[self.names[0]].dtype) != (
-            first.device,
-            first.dtype,
-        ):
-            buffers = {n: torch.empty_like(base[n], memory_format=torch.contiguous_format) for n in self.names}
-            self._leaves = buffers
-        dense = dict(self.task_vectors.items())
-        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
+        place = (base[self.names[0]].device, base[self.names[0]].dtype)
+        if self._leaves is None or self._leaves_place != place:  # first step, or the model moved
+            self._leaves = {n: torch.empty_like(base[n], memory_format=torch.contiguous_format) for n in self.names}
+            self._leaves_place = place
+        buffers, dense, factors = self._leaves, dict(self.task_vectors.items()), self.low_rank_factors()
         lam = lam.detach()
         for name, cols in zip(self.names, self.layout):
             out = buffers[name]
@@ -353,8 +349,7 @@ class MergedModel(nn.Module):
 
     def coefficient_grad(self, grads: Mapping[str, Tensor | None]) -> Tensor:
         """d L / d lam [K, G] from d L / d W of the merged tensors (``None``: a tensor the loss did not use)."""
-        dense = dict(self.task_vectors.items())
-        factors = dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
+        dense, factors = dict(self.task_vectors.items()), self.low_rank_factors()
         total = self.coefficients.raw.new_zeros(self.coefficients.raw.shape)
         for name, cols in zip(self.names, self.layout):
             grad = grads.get(name)
@@ -365,6 +360,10 @@ class MergedModel(nn.Module):
             else:
                 total[:, cols] += low_rank_merge_grad(*factors[name], grad).to(total.device)
         return total
+
+    def low_rank_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (U [K, m, r], V [K, r, n]) of the task vectors kept low rank (``storage=lowrank``)."""
+        return dict(zip(self.low_rank_u.names, zip(self.low_rank_u.tensors(), self.low_rank_v.tensors())))
 
     def release_training_leaves(self) -> None:
         """Free the persistent leaf buffers (one model's worth of memory) once training is over."""
