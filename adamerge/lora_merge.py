@@ -35,16 +35,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from adamerge.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
 from adamerge.io import atomic_path
 from adamerge.lora import PEFT_PREFIX, AdapterError, LoraAdapter
-from adamerge.merging import (
-    DEFAULT_BLOCK_PATTERN,
-    Coefficients,
-    MergedModel,
-    TensorBank,
-    assign_tensor,
-    group_layout,
-)
+from adamerge.merging import MergedModel, TensorBank, assign_tensor
 from adamerge.pool import (
     DEFAULT_HEAD_PATTERNS,
     LoraReader,

@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from adamerge.batching import concatenable, forward_concatenated
+from adamerge.coefficients import check_finite
 from adamerge.data import model_inputs
-from adamerge.merging import MergedModel, check_finite, two_stage_backward
+from adamerge.merging import MergedModel, two_stage_backward
 
 BACKWARD_MODES = ("auto", "split", "concat", "joint")
 AUTO_TRIALS = 3  # timed steps per mode before ``auto`` settles; the first of each warms up

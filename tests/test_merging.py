@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from adamerge.merging import MergedModel, group_layout, merge_tensor, two_stage_backward
+from adamerge.coefficients import group_layout
+from adamerge.merging import MergedModel, merge_tensor, two_stage_backward
 from adamerge.pool import make_pool
 from tests.conftest import tiny_bert_config
 
