@@ -31,7 +31,7 @@ FusionBench venv (created when missing, unless ``--skip-fusionbench``)::
 Usage::
 
     python scripts/bench_step.py --experts 4,8                 # 3 rounds x 5 steps (about 12 minutes on 2 cores)
-    python scripts/bench_step.py --model clip-vit-b32 --device cuda --steps 10 --rounds 2
+    python scripts/bench_step.py --model clip-vit-b32 --device cuda --precision bf16 --steps 10 --rounds 2
     python scripts/bench_step.py --skip-fusionbench
 
 The last line printed is the result as JSON.
@@ -177,6 +177,11 @@ class PeakMemory:
         return self.peak / 2**20
 
 
+def autocast(args):
+    """bf16 autocast for ``--precision bf16`` (FusionBench and the limit; adamerge uses Lightning's bf16-mixed)."""
+    return torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
 def sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -208,7 +213,7 @@ def worker_adamerge(args):
 
     base = build_base(args.model, args.seed)
     experts = {f"task{k}": expert_state(base, args.seed, k) for k in range(args.K)}
-    pool = make_pool(base, experts, device=args.device)
+    pool = make_pool(base, experts, device=args.device, dtype="bfloat16" if args.precision == "bf16" else "float32")
     del experts
     options = {"activation_checkpointing": args.checkpointing, "compile": args.compile}
     merged = MergedModel(pool, granularity="layer", init=0.3, **options)
@@ -255,6 +260,7 @@ def worker_adamerge(args):
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="gpu" if args.device == "cuda" else "cpu",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
         devices=1,
         callbacks=[timer],
     )
@@ -309,7 +315,8 @@ def worker_fusionbench(args):
         sync(args.device)
         t0 = time.perf_counter()
         for task_head, inputs in zip(heads, batches):
-            logits = task_head(module(**inputs).pooler_output)
+            with autocast(args):
+                logits = task_head(module(**inputs).pooler_output)
             loss = entropy(logits)
             loss.backward(retain_graph=True)
         optimizer.step()
@@ -326,7 +333,7 @@ class LimitStep:
     """The limit: the unmerged base with all weights trainable, forward + backward over the K task batches."""
 
     def __init__(self, args):
-        self.device = args.device
+        self.device, self.args = args.device, args
         self.base = build_base(args.model, args.seed).to(args.device).requires_grad_(True)
         self.batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
         self.joined = {k: torch.cat([b[k] for b in self.batches]) for k in self.batches[0]}
@@ -346,7 +353,8 @@ class LimitStep:
         self.base.zero_grad(set_to_none=True)
         sync(self.device)
         t0 = time.perf_counter()
-        getattr(self, mode)()
+        with autocast(self.args):
+            getattr(self, mode)()
         sync(self.device)
         return time.perf_counter() - t0
 
@@ -388,7 +396,7 @@ def run_worker(python: str, name: str, args, K: int) -> dict | None:
     """One worker in a fresh process; its JSON result (``None`` if it failed, with its stderr printed)."""
     cmd = [python, __file__, "--worker", name, "--K", str(K), "--model", args.model, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    cmd += ["--seed", str(args.seed), "--backward", args.backward]
+    cmd += ["--seed", str(args.seed), "--backward", args.backward, "--precision", args.precision]
     cmd += [f"--{flag}" for flag in ("profile", "checkpointing", "compile") if getattr(args, flag)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     start = time.perf_counter()
@@ -466,6 +474,12 @@ def main(argv=None):
     parser.add_argument(
         "--backward", choices=["auto", "split", "concat", "joint"], default="auto", help="adamerge's method.backward"
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: adamerge with bf16 task vectors and Lightning's bf16-mixed, the others under bf16 autocast",
+    )
     parser.add_argument("--checkpointing", action="store_true", help="adamerge with method.activation_checkpointing")
     parser.add_argument("--compile", action="store_true", help="adamerge with method.compile (first steps compile)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one adamerge step")
@@ -495,7 +509,8 @@ def main(argv=None):
 
     memory = "CUDA max allocated" if args.device == "cuda" else "peak VmRSS of the process"
     print(
-        f"\n{args.model} on {args.device}, batch {args.batch} per task; medians of {args.rounds} x {args.steps} steps "
+        f"\n{args.model} on {args.device} ({args.precision}), batch {args.batch} per task; "
+        f"medians of {args.rounds} x {args.steps} steps "
         f"(adamerge and limit runs alternating, each after {args.warmup} warm-up step(s)), FusionBench {args.steps} "
         f"steps; memory: {memory} (MiB)"
     )
@@ -512,7 +527,7 @@ def main(argv=None):
             f"{fmt(r['adamerge_mib'], '13.0f')} {fmt(r['fusionbench_mib'], '8.0f')} {fmt(r['limit_mib'], '10.0f')} "
             f"{(r['adamerge_mode'] or '-') + ', ' + (r['limit_mode'] or '-'):>19}"
         )
-    print(json.dumps({"device": args.device, "model": args.model, "rows": rows}))
+    print(json.dumps({"device": args.device, "model": args.model, "precision": args.precision, "rows": rows}))
 
 
 if __name__ == "__main__":
