@@ -181,7 +181,7 @@ def test_gpt2_fan_in_fan_out_adapters(tmp_path):
 
 
 def test_merge_module_trains_the_coefficients(base_model, adapters):
-    """MergeModule unchanged, in its default split mode (split == joint is checked above)."""
+    """MergeModule unchanged, in its default mode (auto; split == joint and concat == split are checked here)."""
     lora = LoraMergedModel(make_lora_pool(base_model, adapters), granularity="layer", init=0.5)
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -252,3 +252,23 @@ def test_cuda_matches_cpu(base_model, adapters, batch):
     with torch.no_grad():
         out = logits(gpu, {k: v.cuda() for k, v in batch.items()}, task="task1").cpu()
         torch.testing.assert_close(out, logits(cpu, batch, task="task1"), atol=1e-4, rtol=1e-4)
+
+
+def test_concat_backward_equals_split(base_model, adapters, batch):
+    """One forward over the task batches concatenated: the low-rank hooks and the per-task heads compose."""
+    from adamerge.batching import concatenable
+    from adamerge.module import MergeModule
+    from adamerge.objectives import entropy_objective
+
+    lora, _ = lora_and_dense(base_model, adapters, "block")
+    module = MergeModule(lora, entropy_objective, torch.optim.SGD)
+    module.manual_backward = lambda loss: loss.backward()  # no Trainer attached
+    tasks = {task: dict(batch) for task in lora.experts}
+    assert concatenable(tasks)
+    grads = {}
+    for mode in ("split", "concat"):
+        lora.coefficients.raw.grad = None
+        module.backward_step(tasks, mode)
+        grads[mode] = lora.coefficients.raw.grad.clone()
+    assert grads["split"].abs().max() > 0
+    torch.testing.assert_close(grads["concat"], grads["split"], atol=1e-6, rtol=1e-5)
