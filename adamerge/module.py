@@ -87,12 +87,10 @@ class MergeModule(L.LightningModule):
         for task, inputs in batch.items():
             yield self.objective(self.merged(**model_inputs(inputs), **extra, task=task, params=params), task, inputs)
 
-    def concat_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> list[Tensor] | None:
-        """The task losses from one forward over the concatenated task batches (``None``: they cannot be joined)."""
+    def concat_losses(self, batch: Mapping[str, Mapping[str, Tensor]], params) -> list[Tensor]:
+        """The task losses from one forward over the concatenated task batches (``can_concat`` checked by the caller)."""
         extra = getattr(self.objective, "model_kwargs", {})
         outputs = forward_concatenated(self.merged, batch, params, **extra)
-        if outputs is None:
-            return None
         return [self.objective(outputs[task], task, inputs) for task, inputs in batch.items()]
 
     def backward_step(self, batch: Mapping[str, Mapping[str, Tensor]], mode: str) -> list[Tensor]:
