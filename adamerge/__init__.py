@@ -1,7 +1,7 @@
 """adamerge: learn model-merging coefficients (AdaMerging, Expert Merging, DOGE) over Hugging Face experts."""
 
-from adamerge.merging import MergedModel, two_stage_backward
-from adamerge.pool import ExpertPool, load_pool, make_pool
+from adamerge.core.merged import MergedModel, two_stage_backward
+from adamerge.core.pool import ExpertPool, load_pool, make_pool
 
 __all__ = ["ExpertPool", "MergedModel", "load_pool", "make_pool", "two_stage_backward"]
 __version__ = "0.1.0"

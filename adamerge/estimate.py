@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from adamerge.pool import DEFAULT_HEAD_PATTERNS, import_object, resolve_dtype, select_merged_names
+from adamerge.core.pool import DEFAULT_HEAD_PATTERNS, import_object, resolve_dtype, select_merged_names
 
 GIB = 1024**3
 

@@ -16,13 +16,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adamerge.evaluate import evaluate, reference_rows, summarize, to_markdown, write_results
-from adamerge.export import coefficients_record, export_model
-from adamerge.io import check_writable, write_json
-from adamerge.lora_merge import LoraMergedModel, LoraPool
-from adamerge.merging import MergedModel
-from adamerge.module import MergeModule
-from adamerge.plots import coefficient_heatmap
+from adamerge.artifacts.atomic import check_writable, write_json
+from adamerge.artifacts.export import coefficients_record, export_model
+from adamerge.artifacts.plots import coefficient_heatmap
+from adamerge.core.lora_merged import LoraMergedModel, LoraPool
+from adamerge.core.merged import MergedModel
+from adamerge.engine.module import MergeModule
+from adamerge.evaluation.classification import evaluate, reference_rows, summarize, to_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     if method.learned:
         merged = build_merged(method, pool)
         if method.get("chunking"):  # Expert Merging++: a layer-wise pass (one chunk per tensor) sets the chunks
-            from adamerge.chunking import chunked_model
+            from adamerge.methods.chunking import chunked_model
 
             learn(cfg, merged, datamodule, steps=method.chunking.layer_steps, quiet=True)
             merged = chunked_model(merged, pool, instantiate(method.chunking.allocate)(merged))

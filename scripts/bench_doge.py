@@ -22,9 +22,9 @@ import time
 import torch
 from torch import nn
 
-from adamerge.doge import shared_subspace, solve_pool, task_aware_coefficients
-from adamerge.doge_solvers import doge_objective, solve_reference
-from adamerge.pool import ExpertPool, make_pool
+from adamerge.core.pool import ExpertPool, make_pool
+from adamerge.methods.doge import shared_subspace, solve_pool, task_aware_coefficients
+from adamerge.methods.doge_solvers import doge_objective, solve_reference
 
 
 def load_minilm() -> nn.Module:

@@ -6,7 +6,7 @@
 Both modes learn the same layer-wise coefficients with the same objective (logit KL + hidden-state MSE) for a few
 steps; they differ only in where the targets come from:
 
-- ``cached``: ``adamerge.teachers.build_teacher_cache`` runs each expert once (as the merged model at a one-hot
+- ``cached``: ``adamerge.objectives.teachers.build_teacher_cache`` runs each expert once (as the merged model at a one-hot
   table) and keeps its outputs (bf16); no expert model exists during training;
 - ``resident``: the K experts are loaded as models next to the merged one and run on every batch, as a
   distillation loop without the cache would.
@@ -82,11 +82,11 @@ def measure(args, workdir: Path) -> dict:
     """One mode, in this (fresh) process."""
     from transformers import LlamaForCausalLM
 
-    from adamerge.alignment import ExpertAlignment, fit_coefficients
-    from adamerge.data import model_inputs
-    from adamerge.merging import MergedModel
-    from adamerge.pool import make_pool
-    from adamerge.teachers import Targets, batch_rows, output_rows, sample_positions
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.pool import make_pool
+    from adamerge.engine.data import model_inputs
+    from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+    from adamerge.objectives.teachers import Targets, batch_rows, output_rows, sample_positions
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -4,7 +4,7 @@
     python scripts/bench_lm.py --out runs/bench_lm                       # defaults: small, about 30-60 min on 2 cores
     python scripts/bench_lm.py --out runs/bench_lm --ft-steps 200 --seq-len 256 --merge-steps 100   # a larger run
 
-1. One LoRA expert per text domain (shipped ``adamerge.text_tasks``: man pages, spam e-mails, movie reviews),
+1. One LoRA expert per text domain (shipped ``adamerge.testbeds.text_tasks``: man pages, spam e-mails, movie reviews),
    fine-tuned here with PEFT on the domain's train split (next-token loss) and saved as an adapter folder (reused
    by later runs with the same --out).
 2. A pool over the adapted tensors (``experts.include``), read exactly as ``scale * B @ A``.
@@ -46,7 +46,7 @@ def load_base():
 
 def domain_data(name: str, tokenizer, seq_len: int, sizes: dict[str, int], min_tokens: int = 16):
     """A text domain's splits, tokenized, texts shorter than ``min_tokens`` dropped, capped at ``sizes``."""
-    from adamerge.text_tasks import load_task
+    from adamerge.testbeds.text_tasks import load_task
 
     task = load_task(name)
     out = {}
@@ -65,7 +65,7 @@ def train_lora(base, data, out_dir: Path, args) -> Path:
     """A PEFT LoRA adapter fine-tuned on ``data`` (next-token loss on every token), saved to ``out_dir``."""
     from peft import LoraConfig, get_peft_model
 
-    from adamerge.data import collate
+    from adamerge.engine.data import collate
 
     if (out_dir / "adapter_config.json").exists():
         log.info("reusing adapter %s", out_dir)
@@ -114,11 +114,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from adamerge.alignment import ExpertAlignment, fit_coefficients
-    from adamerge.causal_lm import lm_loss
-    from adamerge.merging import MergedModel
-    from adamerge.objectives import entropy_objective
-    from adamerge.pool import make_pool
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.pool import make_pool
+    from adamerge.evaluation.causal_lm import lm_loss
+    from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+    from adamerge.objectives.entropy import entropy_objective
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def method_exists(name: str) -> bool:
 
 def task_arithmetic_grid(merged, calib_loaders, grid=TA_GRID) -> tuple[float, dict]:
     """The lambda of task arithmetic with the best mean accuracy on the labelled calibration split."""
-    from adamerge.evaluate import constant_params, evaluate
+    from adamerge.evaluation.classification import constant_params, evaluate
 
     scores = {lam: evaluate(merged, constant_params(merged, lam), calib_loaders) for lam in grid}
     means = {lam: statistics.mean(accs.values()) for lam, accs in scores.items()}
@@ -88,8 +88,8 @@ def multitask_params(folder: Path, names) -> dict:
 def run_bench(args) -> dict:
     from hydra.utils import instantiate
 
-    from adamerge.evaluate import EXPERT, FLOOR, constant_params, evaluate, reference_rows
-    from adamerge.merging import MergedModel
+    from adamerge.core.merged import MergedModel
+    from adamerge.evaluation.classification import EXPERT, FLOOR, constant_params, evaluate, reference_rows
     from adamerge.pipeline import check_tasks
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
@@ -134,7 +134,7 @@ def run_bench(args) -> dict:
     record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, pool_s, note="wall = building/loading the pool")
 
     if args.multitask:
-        from adamerge.finetune import Recipe, build_multitask
+        from adamerge.testbeds.minilm import Recipe, build_multitask
 
         t = time.perf_counter()
         folder = build_multitask(tasks, Recipe(**cfg.experts.recipe), cfg.experts.base, cfg.experts.cache_dir)
@@ -170,7 +170,7 @@ def learn_method(name, seeds, args, base, work, pool, loaders, record) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from adamerge.evaluate import evaluate
+    from adamerge.evaluation.classification import evaluate
     from adamerge.pipeline import build_merged, learn
 
     accs, walls, coefs, steps, transformed = [], [], [], 0, None
@@ -197,7 +197,7 @@ def learn_method(name, seeds, args, base, work, pool, loaders, record) -> None:
 
 def table(bench: dict) -> list[dict]:
     """One row per method: per-task 'acc / normalized', averages, spread over seeds, seeds, steps, wall time."""
-    from adamerge.evaluate import EXPERT
+    from adamerge.evaluation.classification import EXPERT
 
     tasks, results = bench["tasks"], bench["results"]
     expert = results[EXPERT]["accs"][0]

@@ -206,10 +206,10 @@ def worker_adamerge(args):
 
     import lightning as L
 
-    from adamerge.merging import MergedModel
-    from adamerge.module import AUTO_TRIALS, MergeModule
-    from adamerge.objectives import entropy_objective
-    from adamerge.pool import make_pool
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.pool import make_pool
+    from adamerge.engine.module import AUTO_TRIALS, MergeModule
+    from adamerge.objectives.entropy import entropy_objective
 
     base = build_base(args.model, args.seed)
     experts = {f"task{k}": expert_state(base, args.seed, k) for k in range(args.K)}

@@ -784,7 +784,7 @@ def dropped_sources(out: Path) -> dict[str, str]:
         return {}
     return {
         name: f"{spec.licence}. `scripts/build_text_tasks.py --tasks {name} --out DIR` builds it locally; "
-        "`adamerge.text_tasks.load_task(name, data_dir=DIR)` loads it."
+        "`adamerge.testbeds.text_tasks.load_task(name, data_dir=DIR)` loads it."
         for name, spec in TASKS.items()
         if not spec.redistributable
     }

@@ -31,9 +31,9 @@ def main(argv=None) -> None:
     from hydra import compose, initialize_config_dir
 
     from adamerge.cli import config_dir, register_resolvers
-    from adamerge.evaluate import to_markdown
+    from adamerge.evaluation.classification import to_markdown
     from adamerge.pipeline import run
-    from adamerge.text_tasks import available_tasks
+    from adamerge.testbeds.text_tasks import available_tasks
 
     transformers.logging.set_verbosity_error()
     register_resolvers()

@@ -17,7 +17,7 @@ DEFAULT_TASKS = ["debian_section", "wordnet_supersense", "manpage_section", "vad
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from adamerge.finetune import HEAD_MODES, Recipe
+    from adamerge.testbeds.minilm import HEAD_MODES, Recipe
 
     default = Recipe()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +38,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import transformers
 
-    from adamerge.finetune import Recipe, build_experts, build_multitask
-    from adamerge.text_tasks import available_tasks
+    from adamerge.testbeds.minilm import Recipe, build_experts, build_multitask
+    from adamerge.testbeds.text_tasks import available_tasks
 
     transformers.logging.set_verbosity_error()
     args = parse_args(argv)

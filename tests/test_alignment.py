@@ -8,10 +8,10 @@ import datasets
 import pytest
 import torch
 
-from adamerge.alignment import ExpertAlignment, distill_kl, fit_coefficients
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
-from adamerge.teachers import build_teacher_cache, expert_targets, sample_positions, select_layers
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
+from adamerge.objectives.alignment import ExpertAlignment, distill_kl, fit_coefficients
+from adamerge.objectives.teachers import build_teacher_cache, expert_targets, sample_positions, select_layers
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def test_presets_run_on_the_tiny_experiment(tmp_path, method):
         cfg = compose(
             "train", overrides=["experiment=tiny", f"method={method}", "debug=fast", f"paths.output_dir={tmp_path}"]
         )
-    assert cfg.objective._target_ == "adamerge.alignment.ExpertAlignment"  # the preset picks its objective
+    assert cfg.objective._target_ == "adamerge.objectives.alignment.ExpertAlignment"  # the preset picks its objective
     record = run(cfg)["coefficients"]
     layer_names = len({g.split("#")[0] for g in record["groups"]})
     if method == "expert_merging":

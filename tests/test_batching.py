@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from adamerge.batching import concatenable, forward_concatenated
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
+from adamerge.engine.concat import concatenable, forward_concatenated
 from tests.conftest import perturbed, tiny_bert_config
 
 
@@ -71,8 +71,8 @@ def train_auto(merged, batches, steps):
 
     import lightning as L
 
-    from adamerge.module import MergeModule
-    from adamerge.objectives import entropy_objective
+    from adamerge.engine.module import MergeModule
+    from adamerge.objectives.entropy import entropy_objective
 
     module = MergeModule(merged, entropy_objective, partial(torch.optim.SGD, lr=0.1), backward="auto")
     trainer = L.Trainer(
@@ -97,7 +97,7 @@ def test_auto_times_both_modes_then_keeps_one(base_model, expert_states):
 
 
 def test_auto_falls_back_to_split_when_concat_runs_out_of_memory(base_model, expert_states, monkeypatch):
-    from adamerge.module import MergeModule
+    from adamerge.engine.module import MergeModule
 
     def out_of_memory(self, batch, params):
         raise torch.OutOfMemoryError("simulated")

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from adamerge.alignment import ExpertAlignment, fit_coefficients
-from adamerge.causal_lm import build_tiny_lm, lm_loss, with_expert_responses
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
-from adamerge.teachers import build_teacher_cache
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
+from adamerge.evaluation.causal_lm import build_tiny_lm, lm_loss, with_expert_responses
+from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+from adamerge.objectives.teachers import build_teacher_cache
 
-PROMPT = 7  # 6 prompt tokens + the separator (adamerge.causal_lm.lm_task_dataset defaults)
+PROMPT = 7  # 6 prompt tokens + the separator (adamerge.evaluation.causal_lm.lm_task_dataset defaults)
 
 
 @pytest.fixture(scope="module")

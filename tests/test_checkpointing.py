@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
 from tests.conftest import coefficient_grads, perturbed, tiny_bert_config
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from adamerge.alignment import ExpertAlignment, fit_coefficients
-from adamerge.chunking import (
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
+from adamerge.methods.chunking import (
     ImportanceChunking,
     allocate_chunks,
     chunk_init,
@@ -18,8 +19,7 @@ from adamerge.chunking import (
     importance_scores,
     uniform_chunks,
 )
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
 
 
 def test_allocation_by_hand():
@@ -119,7 +119,7 @@ def test_chunking_needs_a_layer_wise_model(base_model, expert_states):
 
 def held_out(merged: MergedModel, tasks: dict) -> dict[str, tuple[float, float]]:
     """task -> (accuracy, KL to the expert) on the test split."""
-    from adamerge.alignment import distill_kl
+    from adamerge.objectives.alignment import distill_kl
 
     out = {}
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_importance_chunking_vs_uniform_on_tiny(capsys):
     """Expert Merging++ on the tiny experiment: layer-wise pass, then importance-allocated vs uniform chunks at the
     same coefficient count (and layer-wise trained as long). Prints the table; the allocation must not lose to
     uniform chunking on the held-out alignment (KL to the experts)."""
-    from adamerge.tiny import build
+    from adamerge.testbeds.tiny import build
 
     base, experts, tasks = build(3, 0, 80, lr=3e-4)
     calib = {t: d["calib"].select(range(16)) for t, d in tasks.items()}

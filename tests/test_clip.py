@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from adamerge.cli import config_dir, register_resolvers
-from adamerge.merging import MergedModel
-from adamerge.models import ZeroShotImageClassifier, clip_zero_shot_pool, zero_shot_head
-from adamerge.pool import PoolError
+from adamerge.core.clip import ZeroShotImageClassifier, clip_zero_shot_pool, zero_shot_head
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import PoolError
 
 TASKS = {"shapes": ["circle", "square"], "digits": ["zero", "one", "two"], "scenes": ["beach", "forest", "city", "sky"]}
 TEMPLATE = ["a photo of a {}."]
@@ -240,7 +240,7 @@ def test_export_is_a_hf_vision_model_plus_heads(stand_ins, tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPVisionModelWithProjection
 
-    from adamerge.export import export_merged
+    from adamerge.artifacts.export import export_merged
 
     pool = clip_zero_shot_pool(
         str(stand_ins["base"]),

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
 from tests.conftest import coefficient_grads
 
 
@@ -29,8 +29,8 @@ def test_compile_and_checkpointing_are_exclusive(base_model, expert_states):
 
 
 def test_concat_refuses_a_compiled_model(base_model, expert_states):
-    from adamerge.module import MergeModule
-    from adamerge.objectives import entropy_objective
+    from adamerge.engine.module import MergeModule
+    from adamerge.objectives.entropy import entropy_objective
 
     merged = MergedModel(make_pool(base_model, expert_states), compile=True)
     with pytest.raises(ValueError, match="backward=concat cannot run a compiled model"):

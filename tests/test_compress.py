@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from adamerge.compress import low_rank, merge_low_rank
-from adamerge.merging import MergedModel, merge_tensor
-from adamerge.pool import make_pool
+from adamerge.core.lowrank import low_rank, merge_low_rank
+from adamerge.core.merged import MergedModel, merge_tensor
+from adamerge.core.pool import make_pool
 
 
 def test_exactly_low_rank_task_vectors_are_reproduced():

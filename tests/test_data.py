@@ -2,10 +2,10 @@ import datasets
 import pytest
 import torch
 
-from adamerge.data import DataError, MergeDataModule, StepBatches
-from adamerge.evaluate import accuracy
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
+from adamerge.engine.data import DataError, MergeDataModule, StepBatches
+from adamerge.evaluation.classification import accuracy
 
 
 def toy_task(n_calib=6, n_test=4, labels=True):

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from torch.testing import assert_close
 from transformers import BertForSequenceClassification
 
-from adamerge.doge import (
+from adamerge.core.pool import make_pool
+from adamerge.methods.doge import (
     doge_merge,
     doge_transform,
     shared_subspace,
@@ -20,10 +21,9 @@ from adamerge.doge import (
     task_aware_coefficients,
     top_singular,
 )
-from adamerge.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
-from adamerge.kernels import trim
-from adamerge.pool import make_pool
-from adamerge.static import static_merge
+from adamerge.methods.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
+from adamerge.methods.kernels import trim
+from adamerge.methods.static import static_merge
 from tests.conftest import perturbed, tiny_bert_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
@@ -253,9 +253,9 @@ def test_method_configs_compose_into_the_train_config():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         doge = compose("train", overrides=["method=doge"]).method
         learned = compose("train", overrides=["method=doge_adamerging"]).method
-    assert doge.learned is False and doge.merge._target_ == "adamerge.doge.doge_merge"
+    assert doge.learned is False and doge.merge._target_ == "adamerge.methods.doge.doge_merge"
     assert learned.learned is True and learned.granularity == "layer" and learned.steps == 500  # AdaMerging's
-    assert learned.transform._target_ == "adamerge.doge.doge_transform" and learned.transform.eta == 0.07
+    assert learned.transform._target_ == "adamerge.methods.doge.doge_transform" and learned.transform.eta == 0.07
 
 
 def test_method_configs_instantiate(pool):

@@ -1,8 +1,8 @@
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
 from adamerge.estimate import memory_plan, meta_model
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
 from tests.conftest import perturbed
 
 

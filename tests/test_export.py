@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from adamerge.export import export_merged, load_coefficients, load_merged
-from adamerge.io import write_atomic
-from adamerge.merging import MergedModel
-from adamerge.pool import make_pool
+from adamerge.artifacts.atomic import write_atomic
+from adamerge.artifacts.export import export_merged, load_coefficients, load_merged
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import make_pool
 
 
 def test_export_round_trip_reloads_with_plain_from_pretrained(tmp_path, base_model, expert_states, batch):
@@ -48,7 +48,9 @@ def test_failed_export_keeps_previous_export(tmp_path, base_model, expert_states
     merged = MergedModel(make_pool(base_model, expert_states))
     export_merged(merged, tmp_path / "out")
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
-    monkeypatch.setattr("adamerge.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(
+        "adamerge.artifacts.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom"))
+    )
     with pytest.raises(OSError, match="boom"):
         export_merged(merged, tmp_path / "out")
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from adamerge.kernels import (
+from adamerge.methods.kernels import (
     DEFAULT_DENSITY,
     DEFAULT_DROP_RATE,
     MERGES,

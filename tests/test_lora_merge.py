@@ -11,15 +11,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+from adamerge.artifacts.export import export_merged, load_merged
 from adamerge.cli import config_dir
-from adamerge.evaluate import constant_params
-from adamerge.export import export_merged, load_merged
-from adamerge.lora import AdapterError
-from adamerge.lora_merge import LAMBDA_KEY, LoraMergedModel, LoraPool, make_lora_pool
-from adamerge.merging import MergedModel, two_stage_backward
-from adamerge.module import MergeModule
-from adamerge.objectives import entropy_objective
-from adamerge.pool import make_pool
+from adamerge.core.adapters import AdapterError
+from adamerge.core.lora_merged import LAMBDA_KEY, LoraMergedModel, LoraPool, make_lora_pool
+from adamerge.core.merged import MergedModel, two_stage_backward
+from adamerge.core.pool import make_pool
+from adamerge.engine.module import MergeModule
+from adamerge.evaluation.classification import constant_params
+from adamerge.objectives.entropy import entropy_objective
 from tests.conftest import tiny_bert_config
 
 # Different targets, ranks, alphas and rsLoRA per expert; task2 adapts `value` at rank 5 (rank_pattern), has no head.
@@ -256,9 +256,9 @@ def test_cuda_matches_cpu(base_model, adapters, batch):
 
 def test_concat_backward_equals_split(base_model, adapters, batch):
     """One forward over the task batches concatenated: the low-rank hooks and the per-task heads compose."""
-    from adamerge.batching import concatenable
-    from adamerge.module import MergeModule
-    from adamerge.objectives import entropy_objective
+    from adamerge.engine.concat import concatenable
+    from adamerge.engine.module import MergeModule
+    from adamerge.objectives.entropy import entropy_objective
 
     lora, _ = lora_and_dense(base_model, adapters, "block")
     module = MergeModule(lora, entropy_objective, torch.optim.SGD)

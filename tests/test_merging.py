@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from adamerge.coefficients import group_layout
-from adamerge.merging import MergedModel, merge_tensor, two_stage_backward
-from adamerge.pool import make_pool
+from adamerge.core.coefficients import group_layout
+from adamerge.core.merged import MergedModel, merge_tensor, two_stage_backward
+from adamerge.core.pool import make_pool
 from tests.conftest import tiny_bert_config
 
 

@@ -69,7 +69,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path):
 def test_auto_backward_choice_survives_resume(tmp_path):
     from types import SimpleNamespace
 
-    from adamerge.module import MergeModule
+    from adamerge.engine.module import MergeModule
 
     run(make_cfg(tmp_path, "method.steps=8", "callbacks.checkpoint.every_n_train_steps=4", "export=false"))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -152,7 +152,7 @@ CALLS = {"n": 0}
 
 def entropy_then_nan(outputs, task, batch, after_calls=30):
     """The entropy objective until ``after_calls`` task losses were computed (10 steps of 3 tasks), then NaN."""
-    from adamerge.objectives import entropy_objective
+    from adamerge.objectives.entropy import entropy_objective
 
     CALLS["n"] += 1
     loss = entropy_objective(outputs, task, batch)

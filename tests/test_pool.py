@@ -7,8 +7,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from adamerge.lora import AdapterError
-from adamerge.pool import PoolError, load_pool, make_pool, select_merged_names
+from adamerge.core.adapters import AdapterError
+from adamerge.core.pool import PoolError, load_pool, make_pool, select_merged_names
 from tests.conftest import perturbed, tiny_bert_config
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adamerge.text_tasks import SPLITS, TEXT_TASKS_DIR, available_tasks, load_task
+from adamerge.testbeds.text_tasks import SPLITS, TEXT_TASKS_DIR, available_tasks, load_task
 
 SHIPPED = available_tasks()
 # The builder balances every split exactly; allow a difference of one example between the largest and smallest class.

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from adamerge.io import atomic_path, write_json
-from adamerge.merging import MergedModel, assign_tensor
+from adamerge.artifacts.atomic import atomic_path, write_json
+from adamerge.core.merged import MergedModel, assign_tensor
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def load_merged(out_dir: str | Path, task: str | None = None, model_class: str =
     """Reload an export; with ``task``, that task's head is put in place."""
     from safetensors.torch import load_file
 
-    from adamerge.pool import import_object
+    from adamerge.core.pool import import_object
 
     out_dir = Path(out_dir)
     model = import_object(model_class).from_pretrained(out_dir / "model")

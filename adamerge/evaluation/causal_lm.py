@@ -3,7 +3,7 @@
 Any ``AutoModelForCausalLM`` (Llama, Qwen, Mistral, GPT-2 ...) merges like the other models: its ``lm_head`` is an
 ordinary merged tensor (or tied to the embeddings), nothing is task-specific. Calibration samples are prompts,
 optionally completed by the expert's own greedy responses (``with_expert_responses``); a ``response_mask`` column
-(1 on response tokens) makes Expert Merging align on the responses only (``adamerge.teachers``). Evaluation is the
+(1 on response tokens) makes Expert Merging align on the responses only (``adamerge.objectives.teachers``). Evaluation is the
 held-out next-token loss on the response tokens (``lm_loss``).
 
 The tiny testbed (``build_tiny_lm``) is a 2-layer Llama built from a config and fine-tuned here, in seconds, into
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from adamerge.data import MODEL_INPUTS, collate
+from adamerge.engine.data import MODEL_INPUTS, collate
 
 CONTENT = 64  # content tokens are 2 .. 2 + CONTENT; 0 = pad, 1 = separator
 STEPS = (1, 3, 5, 7)

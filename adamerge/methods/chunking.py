@@ -29,8 +29,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from adamerge.merging import MergedModel
-from adamerge.pool import ExpertPool
+from adamerge.core.merged import MergedModel
+from adamerge.core.pool import ExpertPool
 
 log = logging.getLogger(__name__)
 

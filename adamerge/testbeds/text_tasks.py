@@ -52,7 +52,7 @@ def load_task(name: str, data_dir: str | Path | None = None) -> datasets.Dataset
 
 
 def text_tasks_datamodule(tasks: list[str], tokenizer=None, data_dir: str | Path | None = None, **datamodule_kwargs):
-    """A :class:`adamerge.data.MergeDataModule` over shipped tasks: unlabelled ``calib`` to learn, ``test`` to judge.
+    """A :class:`adamerge.engine.data.MergeDataModule` over shipped tasks: unlabelled ``calib`` to learn, ``test`` to judge.
 
     Args:
         tasks: task names (each needs an expert of the same name).
@@ -60,10 +60,10 @@ def text_tasks_datamodule(tasks: list[str], tokenizer=None, data_dir: str | Path
         data_dir: where the task files are (default: the shipped ones).
         datamodule_kwargs: the rest of ``MergeDataModule`` (batch_size, max_length, num_steps, eval_split, ...).
     """
-    from adamerge.data import MergeDataModule
+    from adamerge.engine.data import MergeDataModule
 
     if tokenizer is None:
-        from adamerge.finetune import minilm_path
+        from adamerge.testbeds.minilm import minilm_path
 
         tokenizer = minilm_path()
     datamodule_kwargs = {"calib_split": "calib", "eval_split": "test", **datamodule_kwargs}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adamerge.lora import LoraAdapter
+from adamerge.core.adapters import LoraAdapter
 
 log = logging.getLogger(__name__)
 

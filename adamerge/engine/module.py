@@ -1,7 +1,7 @@
 """The LightningModule: its only trainable parameters are the merging coefficients.
 
 ``training_step`` = objective(model(batch)) per task, summed over tasks; the backward goes through
-``two_stage_backward`` (see ``adamerge.merging``), so the optimisation is manual: one optimizer step per step.
+``two_stage_backward`` (see ``adamerge.core.merged``), so the optimisation is manual: one optimizer step per step.
 Checkpoints hold the coefficients and the optimizer state only (kilobytes), never the base or the task vectors.
 """
 
@@ -15,10 +15,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from adamerge.batching import concatenable, forward_concatenated
-from adamerge.coefficients import check_finite
-from adamerge.data import model_inputs
-from adamerge.merging import MergedModel, two_stage_backward
+from adamerge.core.coefficients import check_finite
+from adamerge.core.merged import MergedModel, two_stage_backward
+from adamerge.engine.concat import concatenable, forward_concatenated
+from adamerge.engine.data import model_inputs
 
 BACKWARD_MODES = ("auto", "split", "concat", "joint")
 AUTO_TRIALS = 3  # timed steps per mode before ``auto`` settles; the first of each warms up
@@ -38,7 +38,7 @@ class MergeModule(L.LightningModule):
             ``split`` merges once outside autograd, runs forward+backward per task batch (one task's activations in
             memory at a time) and maps the merged tensors' gradients to the coefficients in one pass
             (``two_stage_backward``); ``concat`` does the same with one forward+backward over the task batches
-            concatenated (each task's head on its rows, ``adamerge.batching``; steps whose batches cannot be joined
+            concatenated (each task's head on its rows, ``adamerge.engine.concat``; steps whose batches cannot be joined
             fall back to ``split``; a compiled model refuses it, since the per-step head hooks would change its
             graph); ``joint`` sums the task losses and runs one plain autograd backward through the
             merge (the reference path); ``auto`` times ``split`` and ``concat`` on the first steps and keeps the

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from adamerge.kernels import get_merge, get_transform
-from adamerge.pool import ExpertPool
+from adamerge.core.pool import ExpertPool
+from adamerge.methods.kernels import get_merge, get_transform
 
 
 def static_merge(pool: ExpertPool, method: str, seed: int = 0, **kwargs) -> dict[str, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from adamerge.io import write_atomic
+from adamerge.artifacts.atomic import write_atomic
 
 
 def coefficient_heatmap(table: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:

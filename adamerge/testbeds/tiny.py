@@ -13,8 +13,8 @@ import functools
 import torch
 from torch import nn
 
-from adamerge.data import MergeDataModule
-from adamerge.pool import ExpertPool, make_pool
+from adamerge.core.pool import ExpertPool, make_pool
+from adamerge.engine.data import MergeDataModule
 
 VOCAB, SEQ_LEN, FIRST_FILLER = 48, 12, 16
 

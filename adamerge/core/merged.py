@@ -3,7 +3,7 @@
 One module holds the frozen base, the stacked task vectors and the coefficient tensor. The experts are never
 touched; each forward composes the merged tensors from the ``[K, *shape]`` stacks (one fused op per tensor) and runs
 the base architecture on them. Which tensors share a coefficient column ``g`` (granularity) and how the coefficients
-are parametrised: ``adamerge.coefficients``.
+are parametrised: ``adamerge.core.coefficients``.
 
 Training is fast because the merge is linear in lam: ``two_stage_backward`` writes theta(lam) into persistent leaf
 buffers without autograd (``training_leaves``), runs the model's backward once per task batch into them, then maps
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.checkpointing import block_names, checkpointed_blocks
-from adamerge.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
-from adamerge.compress import low_rank, merge_low_rank, worth_compressing
-from adamerge.pool import ExpertPool
+from adamerge.core.activation_checkpointing import block_names, checkpointed_blocks
+from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
+from adamerge.core.lowrank import low_rank, merge_low_rank, worth_compressing
+from adamerge.core.pool import ExpertPool
 
 
 class TensorBank(nn.Module):
@@ -152,7 +152,7 @@ class MergedModel(nn.Module):
         self.model = pool.model.requires_grad_(False)
         self.experts = list(pool.experts)
         self.names = list(pool.task_vectors)
-        # Blocks whose activations are recomputed in the backward instead of stored (adamerge.checkpointing).
+        # Blocks whose activations are recomputed in the backward instead of stored (adamerge.core.activation_checkpointing).
         self.checkpointed = block_names(self.names, block_pattern) if activation_checkpointing else []
         if activation_checkpointing and not self.checkpointed:
             raise ValueError(

@@ -11,7 +11,7 @@ where ``p_k`` is expert k's prediction and ``q`` the merged model's. Expert k ne
 merged model at the one-hot coefficient table ``lam = e_k`` (``theta_0 + tau_k``).
 
 The targets (expert k's logits and hidden states, computed once and cached, or recomputed online) come from
-``adamerge.teachers``.
+``adamerge.objectives.teachers``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from adamerge.data import MODEL_INPUTS, collate
-from adamerge.objectives import logits_of
-from adamerge.teachers import LayerSpec, OnlineTeacher, build_teacher_cache, output_rows, probe_layers
+from adamerge.engine.data import MODEL_INPUTS, collate
+from adamerge.objectives.entropy import logits_of
+from adamerge.objectives.teachers import LayerSpec, OnlineTeacher, build_teacher_cache, output_rows, probe_layers
 
 TEACHERS = ("cache", "online")
 
@@ -51,14 +51,14 @@ class ExpertAlignment:
         coef_reg: gamma, weight of mean |lam - lam_init| (added once per step, split evenly over the tasks).
         alpha: task weights alpha_k: one number for all tasks, or task -> weight (missing tasks: 1).
         layers: hidden states to align: 'all', 'middle', 'last', an int or a list (see
-            ``adamerge.teachers.select_layers``).
+            ``adamerge.objectives.teachers.select_layers``).
         top_k: cache only the top-k teacher logits per row (large vocabularies); ``None`` keeps all.
         teacher: ``cache`` (targets computed once) or ``online`` (recomputed every step; the reference).
         cache_dtype: storage dtype of cached targets.
         cache_dir: a folder to keep the cache on disk (read lazily); ``None`` keeps it in memory.
         batch_size: samples per teacher forward when building the cache.
         generate: causal LMs given prompts only: each expert appends its greedy response of up to this many tokens
-            to its prompts (``adamerge.causal_lm.with_expert_responses``) and the alignment covers the responses.
+            to its prompts (``adamerge.evaluation.causal_lm.with_expert_responses``) and the alignment covers the responses.
             Sets with a ``response_mask`` column are left as they are. ``None``: align on the samples as given.
     """
 
@@ -115,7 +115,7 @@ class ExpertAlignment:
             pad_id = datamodule.pad_id if pad_id is None else pad_id
         pad_id = 0 if pad_id is None else pad_id
         if self.generate:
-            from adamerge.causal_lm import with_expert_responses
+            from adamerge.evaluation.causal_lm import with_expert_responses
 
             prompts = {t: d for t, d in datasets.items() if "response_mask" not in d.column_names}
             datasets = dict(datasets) | with_expert_responses(merged, prompts, self.generate, pad_id)
@@ -181,8 +181,8 @@ def fit_coefficients(
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from adamerge.data import StepBatches
-    from adamerge.module import MergeModule
+    from adamerge.engine.data import StepBatches
+    from adamerge.engine.module import MergeModule
 
     if hasattr(objective, "bind"):
         objective.bind(merged, datasets=datasets, pad_id=pad_id)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adamerge.pool import ExpertPool, PoolError, make_pool
+from adamerge.core.pool import ExpertPool, PoolError, make_pool
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def dataset_classnames(source, task: str, label_column: str = "label", split: st
     """Class names of ``label_column`` (a ``datasets.ClassLabel``) in one split of a task's dataset."""
     import datasets
 
-    from adamerge.data import load_split
+    from adamerge.engine.data import load_split
 
     dataset = load_split(source, split, task)
     feature = dataset.features.get(label_column)

@@ -1,6 +1,6 @@
 """DOGE's solvers for the shared modification delta, kept apart from the method so that each has one place.
 
-``adamerge.doge`` builds the problem (task-aware coefficients, shared subspace) and merges; this module solves it:
+``adamerge.methods.doge`` builds the problem (task-aware coefficients, shared subspace) and merges; this module solves it:
 the data-free objective, the projection off the shared subspace, the batched projected Adam / conjugate gradient
 solver and the per-layer autograd reference it is tested against.
 
@@ -39,7 +39,7 @@ def solve_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_choice(value: str, choices: tuple[str, ...], name: str, key: str) -> None:
-    """Fail with the config key to fix when ``value`` is not one of ``choices`` (also used by ``adamerge.doge``)."""
+    """Fail with the config key to fix when ``value`` is not one of ``choices`` (also used by ``adamerge.methods.doge``)."""
     if value not in choices:
         raise ValueError(f"unknown DOGE {name} {value!r}; choose one of {choices} (config key: {key}.{name})")
 
@@ -107,8 +107,8 @@ def solve_batched(
     Args:
         tau: stack ``[L, K, m, n]`` in the solve dtype.
         lam: coefficients ``[L, K]``.
-        U: shared-subspace bases ``[L, m, r]`` (see :func:`adamerge.doge.shared_subspace`).
-        form: ``"row"`` or ``"matrix"`` (see :mod:`adamerge.doge`).
+        U: shared-subspace bases ``[L, m, r]`` (see :func:`adamerge.methods.doge.shared_subspace`).
+        form: ``"row"`` or ``"matrix"`` (see :mod:`adamerge.methods.doge`).
         solver: ``"adam"`` (the paper's optimiser) or ``"cg"`` (exact minimiser).
         steps: Adam steps or CG iterations.
         lr: Adam learning rate (unused by CG).

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from adamerge.io import write_text
-from adamerge.merging import MergedModel
-from adamerge.objectives import logits_of
+from adamerge.artifacts.atomic import write_text
+from adamerge.core.merged import MergedModel
+from adamerge.objectives.entropy import logits_of
 
 log = logging.getLogger(__name__)
 

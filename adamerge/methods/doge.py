@@ -55,7 +55,7 @@ Choices where the paper leaves room (all arguments):
   Gram matrix in float64. Both avoid batched LAPACK SVDs, which take tens of seconds per model on a CPU.
 
 This module sets the problem up (coefficients, shared subspace), checks the arguments and merges; the objective
-and its solvers (batched projected Adam or CG, and the per-layer reference) are in :mod:`adamerge.doge_solvers`.
+and its solvers (batched projected Adam or CG, and the per-layer reference) are in :mod:`adamerge.methods.doge_solvers`.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from adamerge.doge_solvers import FORMS, SOLVERS, check_choice, doge_objective, solve_batched, solve_dtype
-from adamerge.kernels import task_arithmetic, trim
-from adamerge.pool import ExpertPool
+from adamerge.core.pool import ExpertPool
+from adamerge.methods.doge_solvers import FORMS, SOLVERS, check_choice, doge_objective, solve_batched, solve_dtype
+from adamerge.methods.kernels import task_arithmetic, trim
 
 log = logging.getLogger(__name__)
 

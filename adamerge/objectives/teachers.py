@@ -2,7 +2,7 @@
 
 Expert k is no model of its own but the merged model at the one-hot coefficient table ``lam = e_k``. This module
 turns it into targets, computed once per expert and cached in memory or on disk, for the objective in
-``adamerge.alignment``, which only compares the merged model's outputs with them.
+``adamerge.objectives.alignment``, which only compares the merged model's outputs with them.
 
 Targets are computed once (``build_teacher_cache``): each expert runs once over its calibration set with no grad,
 and its logits (full, or the top-k values and ids for large vocabularies) and the selected hidden states are stored
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adamerge.data import MODEL_INPUTS, collate
-from adamerge.objectives import logits_of
-from adamerge.pool import resolve_dtype
+from adamerge.core.pool import resolve_dtype
+from adamerge.engine.data import MODEL_INPUTS, collate
+from adamerge.objectives.entropy import logits_of
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from adamerge.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
-from adamerge.io import atomic_path
-from adamerge.lora import PEFT_PREFIX, AdapterError, LoraAdapter
-from adamerge.merging import MergedModel, TensorBank, assign_tensor
-from adamerge.pool import (
+from adamerge.artifacts.atomic import atomic_path
+from adamerge.core.adapters import PEFT_PREFIX, AdapterError, LoraAdapter
+from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
+from adamerge.core.merged import MergedModel, TensorBank, assign_tensor
+from adamerge.core.pool import (
     DEFAULT_HEAD_PATTERNS,
     LoraReader,
     align_key,

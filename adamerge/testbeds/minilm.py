@@ -8,7 +8,7 @@ drift with their own backbone and merging suffers (kept as an option to show it)
 
 Experts are saved with ``save_pretrained`` (safetensors + tokenizer) under
 ``<cache>/experts/<recipe hash>/<task>/`` (cache: env ``ADAMERGE_CACHE``, default ``~/.cache/adamerge``), so
-``adamerge.pool.load_pool(base, {task: folder}, model_class="transformers.AutoModelForSequenceClassification")``
+``adamerge.core.pool.load_pool(base, {task: folder}, model_class="transformers.AutoModelForSequenceClassification")``
 reads them; each has its own number of labels, and the pool keeps each ``classifier.*`` apart (never merged).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adamerge.pool import ExpertPool, load_pool
+from adamerge.core.pool import ExpertPool, load_pool
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +227,14 @@ def build_experts(
     """Train (or reuse from the cache) one expert per text task; returns ``{task: folder}``.
 
     Args:
-        tasks: names from :func:`adamerge.text_tasks.available_tasks`.
+        tasks: names from :func:`adamerge.testbeds.text_tasks.available_tasks`.
         recipe: the training recipe (default :class:`Recipe`).
         base: hub id or folder of the base; None = the packaged all-MiniLM-L6-v2.
         cache_dir: root of the cache (default env ``ADAMERGE_CACHE`` or ``~/.cache/adamerge``).
         device: ``cpu`` / ``cuda``; default CUDA when present.
         data_dir: where the task files are (default: the shipped ones).
     """
-    from adamerge.text_tasks import load_task
+    from adamerge.testbeds.text_tasks import load_task
 
     recipe = recipe or Recipe()
     source = base or minilm_path()
@@ -266,7 +266,7 @@ def build_multitask(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from adamerge.text_tasks import load_task
+    from adamerge.testbeds.text_tasks import load_task
 
     recipe = recipe or Recipe()
     if recipe.heads != "frozen_probe":
@@ -326,9 +326,9 @@ def expert_pool(
     """The pool of text experts (built or reused): the Hydra target of ``experts=minilm_text``.
 
     The base is loaded with the first task's number of labels; its head slot is replaced by each task's own head
-    (``classifier.*``, kept per expert, never merged). ``pool_kwargs`` go to :func:`adamerge.pool.make_pool`.
+    (``classifier.*``, kept per expert, never merged). ``pool_kwargs`` go to :func:`adamerge.core.pool.make_pool`.
     """
-    from adamerge.text_tasks import load_task
+    from adamerge.testbeds.text_tasks import load_task
 
     if not tasks:
         raise ValueError("no tasks given; list them under experts.tasks")

@@ -1,0 +1,1 @@
+"""What a run writes: atomic files, the exported merged model, coefficient plots."""

@@ -1,0 +1,1 @@
+"""Merging methods, each registered under its config name (registry.py); static kernels are pure functions over [K, ...] stacks."""
