@@ -7,9 +7,6 @@ the merged model, and Lightning checkpoints of the coefficients.
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from adamerge.artifacts.atomic import check_writable, write_json
 from adamerge.artifacts.export import coefficients_record, export_model
 from adamerge.artifacts.plots import coefficient_heatmap
-from adamerge.core.lora_merged import LoraMergedModel, LoraPool
+from adamerge.core.lora_merged import LoraMergedModel
+from adamerge.core.lora_pool import LoraPool
 from adamerge.core.merged import MergedModel
-from adamerge.engine.module import MergeModule
+from adamerge.engine.train import learn
 from adamerge.evaluation.classification import evaluate, reference_rows, summarize, to_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -132,54 +130,6 @@ def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
         compile=method.get("compile", False),
         **({"block_pattern": method.block_pattern} if method.get("block_pattern") else {}),
     )
-
-
-def learn(cfg: DictConfig, merged, datamodule, steps: int | None = None, quiet: bool = False):
-    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
-
-    ``quiet``: a first pass of ``steps`` steps without checkpoints or loggers (Expert Merging++'s layer-wise pass).
-    """
-    import lightning as L
-
-    method = cfg.method
-    objective = instantiate(cfg.objective)
-    if hasattr(objective, "bind"):  # objectives that need the model and the calibration data (Expert Merging)
-        objective.bind(merged, datamodule)
-    module = MergeModule(
-        merged,
-        objective,
-        instantiate(method.optimizer),
-        instantiate(method.scheduler) if method.get("scheduler") else None,
-        backward=method.backward,
-    )
-    if quiet:
-        trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[], logger=False, enable_checkpointing=False)
-        with expected_lightning_warnings():
-            trainer.fit(module, datamodule=datamodule)
-        return trainer
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "last" and not Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists():
-        log.warning("ckpt_path=last but no checkpoint in %s/checkpoints: starting fresh", cfg.paths.output_dir)
-        ckpt_path = None
-    with expected_lightning_warnings():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer
-
-
-@contextmanager
-def expected_lightning_warnings() -> Iterator[None]:
-    """Silence Lightning's warnings about what adamerge does on purpose, so the ones left mean something.
-
-    The frozen base runs in eval mode (no dropout while coefficients train), and checkpoints are taken after the
-    optimizer step, which is what resuming needs (the step counter and the coefficients agree).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
-        yield
 
 
 def log_results(trainer, table: list[dict]) -> None:

@@ -84,8 +84,9 @@ def measure(args, workdir: Path) -> dict:
 
     from adamerge.core.merged import MergedModel
     from adamerge.core.pool import make_pool
-    from adamerge.engine.data import model_inputs
-    from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+    from adamerge.engine.datasets import model_inputs
+    from adamerge.engine.train import fit_coefficients
+    from adamerge.objectives.alignment import ExpertAlignment
     from adamerge.objectives.teachers import Targets, batch_rows, output_rows, sample_positions
 
     torch.set_num_threads(args.threads)

@@ -65,7 +65,7 @@ def train_lora(base, data, out_dir: Path, args) -> Path:
     """A PEFT LoRA adapter fine-tuned on ``data`` (next-token loss on every token), saved to ``out_dir``."""
     from peft import LoraConfig, get_peft_model
 
-    from adamerge.engine.data import collate
+    from adamerge.engine.datasets import collate
 
     if (out_dir / "adapter_config.json").exists():
         log.info("reusing adapter %s", out_dir)
@@ -116,8 +116,9 @@ def main() -> None:
     torch.manual_seed(0)
     from adamerge.core.merged import MergedModel
     from adamerge.core.pool import make_pool
+    from adamerge.engine.train import fit_coefficients
     from adamerge.evaluation.causal_lm import lm_loss
-    from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+    from adamerge.objectives.alignment import ExpertAlignment
     from adamerge.objectives.entropy import entropy_objective
 
     out = Path(args.out)

@@ -170,8 +170,9 @@ def learn_method(name, seeds, args, base, work, pool, loaders, record) -> None:
     import torch
     from hydra.utils import instantiate
 
+    from adamerge.engine.train import learn
     from adamerge.evaluation.classification import evaluate
-    from adamerge.pipeline import build_merged, learn
+    from adamerge.pipeline import build_merged
 
     accs, walls, coefs, steps, transformed = [], [], [], 0, None
     for seed in seeds:

@@ -10,7 +10,8 @@ import torch
 
 from adamerge.core.merged import MergedModel
 from adamerge.core.pool import make_pool
-from adamerge.objectives.alignment import ExpertAlignment, distill_kl, fit_coefficients
+from adamerge.engine.train import fit_coefficients
+from adamerge.objectives.alignment import ExpertAlignment, distill_kl
 from adamerge.objectives.teachers import build_teacher_cache, expert_targets, sample_positions, select_layers
 
 

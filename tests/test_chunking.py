@@ -11,6 +11,7 @@ from torch import nn
 
 from adamerge.core.merged import MergedModel
 from adamerge.core.pool import make_pool
+from adamerge.engine.train import fit_coefficients
 from adamerge.methods.chunking import (
     ImportanceChunking,
     allocate_chunks,
@@ -19,7 +20,7 @@ from adamerge.methods.chunking import (
     importance_scores,
     uniform_chunks,
 )
-from adamerge.objectives.alignment import ExpertAlignment, fit_coefficients
+from adamerge.objectives.alignment import ExpertAlignment
 
 
 def test_allocation_by_hand():

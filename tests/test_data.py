@@ -4,7 +4,8 @@ import torch
 
 from adamerge.core.merged import MergedModel
 from adamerge.core.pool import make_pool
-from adamerge.engine.data import DataError, MergeDataModule, StepBatches
+from adamerge.engine.data import MergeDataModule, StepBatches
+from adamerge.engine.datasets import DataError
 from adamerge.evaluation.classification import accuracy
 
 

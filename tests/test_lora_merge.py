@@ -14,7 +14,8 @@ from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadMo
 from adamerge.artifacts.export import export_merged, load_merged
 from adamerge.cli import config_dir
 from adamerge.core.adapters import AdapterError
-from adamerge.core.lora_merged import LAMBDA_KEY, LoraMergedModel, LoraPool, make_lora_pool
+from adamerge.core.lora_merged import LAMBDA_KEY, LoraMergedModel
+from adamerge.core.lora_pool import LoraPool, make_lora_pool
 from adamerge.core.merged import MergedModel, two_stage_backward
 from adamerge.core.pool import make_pool
 from adamerge.engine.module import MergeModule

@@ -143,7 +143,7 @@ def dataset_classnames(source, task: str, label_column: str = "label", split: st
     """Class names of ``label_column`` (a ``datasets.ClassLabel``) in one split of a task's dataset."""
     import datasets
 
-    from adamerge.engine.data import load_split
+    from adamerge.engine.datasets import load_split
 
     dataset = load_split(source, split, task)
     feature = dataset.features.get(label_column)

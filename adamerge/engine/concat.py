@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.engine.data import model_inputs
+from adamerge.engine.datasets import model_inputs
 
 
 def concatenable(batches: Mapping[str, Mapping]) -> bool:

@@ -18,7 +18,7 @@ from torch import Tensor
 from adamerge.core.coefficients import check_finite
 from adamerge.core.merged import MergedModel, two_stage_backward
 from adamerge.engine.concat import concatenable, forward_concatenated
-from adamerge.engine.data import model_inputs
+from adamerge.engine.datasets import model_inputs
 
 BACKWARD_MODES = ("auto", "split", "concat", "joint")
 AUTO_TRIALS = 3  # timed steps per mode before ``auto`` settles; the first of each warms up

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from adamerge.engine.data import MODEL_INPUTS, collate
+from adamerge.engine.datasets import MODEL_INPUTS, collate
 
 CONTENT = 64  # content tokens are 2 .. 2 + CONTENT; 0 = pad, 1 = separator
 STEPS = (1, 3, 5, 7)

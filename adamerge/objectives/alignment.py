@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from adamerge.engine.data import MODEL_INPUTS, collate
+from adamerge.engine.datasets import MODEL_INPUTS, collate
 from adamerge.objectives.entropy import logits_of
 from adamerge.objectives.teachers import LayerSpec, OnlineTeacher, build_teacher_cache, output_rows, probe_layers
 
@@ -157,49 +157,3 @@ class ExpertAlignment:
             reg = (lam - self.lam_init.to(lam.device)).abs().mean()
             loss = loss + self.coef_reg * reg / self.merged.num_experts
         return loss
-
-
-def fit_coefficients(
-    merged,
-    objective,
-    datasets: Mapping,
-    steps: int,
-    lr: float,
-    batch_size: int = 4,
-    seed: int = 0,
-    pad_id: int = 0,
-    optimizer=torch.optim.Adam,
-    backward: str = "auto",
-):
-    """Learn ``merged``'s coefficients on calibration ``datasets`` without a datamodule (scripts, tests).
-
-    The same path as a configured run: ``StepBatches`` (batches carry ``_index``), ``MergeModule`` and a Lightning
-    trainer on the CPU or the model's device; ``objective`` is bound here when it has ``bind``. Returns the module.
-    """
-    import functools
-
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from adamerge.engine.data import StepBatches
-    from adamerge.engine.module import MergeModule
-
-    if hasattr(objective, "bind"):
-        objective.bind(merged, datasets=datasets, pad_id=pad_id)
-        datasets = getattr(objective, "datasets", None) or datasets  # with expert-generated responses
-    batches = StepBatches(dict(datasets), batch_size, steps, seed, pad_id)
-    module = MergeModule(merged, objective, functools.partial(optimizer, lr=lr), backward=backward)
-    device = merged.coefficients.raw.device
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
-    return module

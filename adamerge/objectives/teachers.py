@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from adamerge.core.pool import resolve_dtype
-from adamerge.engine.data import MODEL_INPUTS, collate
+from adamerge.engine.datasets import MODEL_INPUTS, collate
 from adamerge.objectives.entropy import logits_of
 
 log = logging.getLogger(__name__)

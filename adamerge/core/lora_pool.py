@@ -1,0 +1,134 @@
+"""LoRA-native pools: experts that are PEFT LoRA adapters on one base, read as factors (never densified).
+
+``load_lora_pool`` is the ``experts=lora`` entry point; ``LoraMergedModel`` (``adamerge.core.lora_merged``) merges them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.core.adapters import AdapterError, LoraAdapter
+from adamerge.core.pool import (
+    DEFAULT_HEAD_PATTERNS,
+    LoraReader,
+    align_key,
+    import_object,
+    local_path,
+    matches,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraPool:
+    """What to merge, LoRA-native: the base model, expert names, their adapters (aligned to the base's tensor names
+    and checked against it) and per-expert heads."""
+
+    model: nn.Module
+    experts: list[str]
+    adapters: dict[str, LoraAdapter]
+    heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    base_source: str | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+
+def make_lora_pool(
+    model: nn.Module,
+    experts: Mapping[str, str | Path | LoraAdapter],
+    head_patterns: Sequence[str] = DEFAULT_HEAD_PATTERNS,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    base_source: str | None = None,
+) -> LoraPool:
+    """A LoRA pool from an instantiated base and PEFT adapter folders (or ``LoraAdapter`` objects).
+
+    Args:
+        model: the base model the adapters were trained on; frozen, moved to ``device``.
+        experts: expert name -> PEFT LoRA adapter folder (or hub id) or a ``LoraAdapter``.
+        head_patterns: globs of task-specific tensors (``modules_to_save``), kept per expert, never merged.
+        dtype: storage dtype of the factors (config key ``experts.dtype``).
+        device: where the base and the factors live.
+        base_source: the base's id/folder, recorded for exports.
+    """
+    if not experts:
+        raise AdapterError("no experts given; list at least one LoRA adapter folder under experts.experts")
+    head_patterns = list(head_patterns)
+    dtype = resolve_dtype(dtype)
+    model.requires_grad_(False)
+    base_state = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    adapters, heads = {}, {}
+    for name, source in experts.items():
+        if isinstance(source, LoraAdapter):
+            adapter = replace(source, expert=name)
+        else:
+            path = local_path(str(source))
+            if not (path / "adapter_config.json").exists():
+                raise AdapterError(
+                    f"expert {name!r}: {path} is not a PEFT adapter folder (no adapter_config.json); LoRA-native "
+                    "merging needs every expert to be a LoRA adapter; use the dense pool (experts=hf) otherwise"
+                )
+            adapter = LoraAdapter.from_folder(path, expert=name)
+        # LoraReader aligns the adapter's names with the base (base_model_prefix added or dropped) and checks shapes.
+        adapter = LoraReader(adapter, base_state, prefix).adapter
+        check_module_types(adapter, model)
+        others = sorted(n for n in adapter.extra_tensors if not matches(n, head_patterns))
+        if others:
+            raise AdapterError(
+                f"expert {name!r}: the adapter trains {len(others)} tensor(s) besides LoRA factors and heads, e.g. "
+                f"{others[:3]} (bias='all' or modules_to_save); LoRA-native merging cannot merge them: add their "
+                "pattern to experts.head_patterns if they are task-specific, or use the dense pool (experts=hf)"
+            )
+        modules = {
+            n: replace(f, A=f.A.to(device=device, dtype=dtype), B=f.B.to(device=device, dtype=dtype))
+            for n, f in adapter.modules.items()
+        }
+        adapters[name] = replace(adapter, modules=modules)
+        heads[name] = {
+            align_key(n, set(base_state), prefix) or n: t.to(device) for n, t in adapter.extra_tensors.items()
+        }
+    sources = {a.base_name_or_path for a in adapters.values() if a.base_name_or_path}
+    if len(sources) > 1:
+        log.warning("the adapters name different bases %s; their shapes fit the given base, merging anyway", sources)
+    log.info(
+        "LoRA pool: %d experts, %d adapted modules",
+        len(adapters),
+        len({n for a in adapters.values() for n in a.modules}),
+    )
+    return LoraPool(model.to(device), list(adapters), adapters, heads, base_source)
+
+
+def load_lora_pool(
+    base: str,
+    experts: Mapping[str, str],
+    model_class: str = "transformers.AutoModel",
+    model_kwargs: Mapping | None = None,
+    **pool_kwargs,
+) -> LoraPool:
+    """Load the base with ``from_pretrained`` (hub id or folder) and read the LoRA adapters on top of it."""
+    loader = import_object(model_class)
+    model = getattr(loader, "from_pretrained", loader)(str(local_path(base)), **dict(model_kwargs or {}))
+    return make_lora_pool(model, experts, base_source=base, **pool_kwargs)
+
+
+def check_module_types(adapter: LoraAdapter, model: nn.Module) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    for name in adapter.modules:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(module, nn.Linear | Conv1D):
+            raise AdapterError(
+                f"expert {adapter.expert!r}: {name!r} belongs to a {type(module).__name__}; LoRA-native merging "
+                "handles nn.Linear and GPT-2 Conv1D only; use the dense pool (experts=hf) for this adapter"
+            )
