@@ -8,12 +8,15 @@ merges do) adds wrong cross terms B_i A_j.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -47,8 +50,6 @@ class LoraAdapter:
 
     @classmethod
     def from_folder(cls, path: str | Path, expert: str = "adapter") -> LoraAdapter:
-        from safetensors.torch import load_file
-
         path = Path(path)
         config = json.loads((path / "adapter_config.json").read_text())
         if config.get("peft_type", "LORA") != "LORA":
@@ -58,13 +59,7 @@ class LoraAdapter:
                 f"expert {expert!r}: DoRA adapters are not linear in (A, B); merge_and_unload() "
                 "the adapter and give the resulting folder as the expert"
             )
-        weights_file = path / "adapter_model.safetensors"
-        if not weights_file.exists():
-            raise AdapterError(
-                f"expert {expert!r}: {weights_file} is missing; save the adapter with "
-                "save_pretrained(safe_serialization=True)"
-            )
-        return cls.from_state_dict(load_file(str(weights_file)), config, expert)
+        return cls.from_state_dict(read_adapter_weights(path, expert), config, expert)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], config: dict, expert: str = "adapter") -> LoraAdapter:
@@ -91,6 +86,21 @@ class LoraAdapter:
 
     def delta(self, name: str) -> Tensor:
         return self.modules[name].delta()
+
+    def check_base(self, base: str | None) -> None:
+        """Warn when ``adapter_config.json`` names another base than ``base`` (``experts.base``) with the same shapes:
+        a LoRA delta is only meaningful on the weights it was trained on, which shapes cannot tell."""
+        declared = self.base_name_or_path
+        if base and declared and not same_source(str(declared), str(base)):
+            log.warning(
+                "expert %r: the adapter was trained on %r (base_model_name_or_path in its adapter_config.json) but "
+                "experts.base is %r; the shapes fit, so it is merged, but if the bases differ its delta is "
+                "meaningless: check experts.base or the adapter (experts.experts.%s)",
+                self.expert,
+                declared,
+                base,
+                self.expert,
+            )
 
     def check_against(self, base_state: dict[str, Tensor]) -> None:
         """Every adapted module exists in the base with the adapter's shape; otherwise name the first that differs."""
@@ -119,3 +129,38 @@ def lora_scale(module: str, rank: int, config: dict) -> float:
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
+
+
+def read_adapter_weights(path: Path, expert: str) -> dict[str, Tensor]:
+    """``adapter_model.safetensors``, or a legacy ``adapter_model.bin`` read with ``weights_only=True``."""
+    from adamerge.core.readers import load_torch_state
+
+    weights_file = path / "adapter_model.safetensors"
+    if weights_file.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights_file))
+        except Exception as err:  # SafetensorError: the library names neither the file nor the expert
+            raise AdapterError(
+                f"expert {expert!r}: cannot read {weights_file} ({type(err).__name__}: {err}); the file is corrupt "
+                f"or truncated: re-save the adapter, or fix experts.experts.{expert}"
+            ) from err
+    if (path / "adapter_model.bin").exists():
+        return load_torch_state(path / "adapter_model.bin", expert)
+    raise AdapterError(
+        f"expert {expert!r}: {path} has adapter_config.json but no adapter_model.safetensors (nor .bin); save the "
+        f"adapter with save_pretrained(), or fix experts.experts.{expert}"
+    )
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two model sources name the same model: equal ids, the same local folder, or a hub id with and without
+    its organisation (``bert-base-uncased`` and ``google-bert/bert-base-uncased``)."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() or pb.exists():
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return ("/" not in a or "/" not in b) and a.split("/")[-1] == b.split("/")[-1]

@@ -1,19 +1,27 @@
 """Expert pool: a base model plus named experts, turned into stacked task vectors.
 
-An expert is a Hugging Face id or folder, a safetensors file (a state dict of the base architecture), a PEFT LoRA
-adapter folder on top of the base, or (in Python) an ``nn.Module`` / state dict. Expert tensors are read one at a
-time (``safetensors.safe_open``), so only the base model and the task-vector stacks are ever resident.
+An expert is a Hugging Face id or folder (safetensors or ``pytorch_model.bin``, sharded or not), a weights file
+(``.safetensors``, or a ``.bin``/``.pt`` state dict of the base architecture), a PEFT LoRA adapter folder on top of the
+base, or (in Python) an ``nn.Module`` / state dict; see ``adamerge.core.readers``. Expert tensors are read one at a
+time, so only the base model and the task-vector stacks are ever resident.
 
 Task vectors are stored per tensor as one contiguous ``[K, *shape]`` stack (``tau[k] = theta_k - theta_0``) in the
 chosen dtype and device: the merge of a tensor is then a single fused op over that buffer. Task-specific tensors
 (classification heads) are never merged; they are kept per expert in ``ExpertPool.heads``.
+
+Dtypes: experts may be stored in another dtype than the base (an fp16 fine-tune of an fp32 base). Task vectors are
+formed in float32 and stored in ``experts.dtype``; heads are cast to the base model's dtype, so a forward with any
+expert's head runs in the base's dtype.
+
+Every task-vector row and head is checked finite as it is built (``experts.check_finite``; turn it off only to save
+the pass on huge models): a NaN in one expert is reported by name there, not as a diverged loss or a NaN export later.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +29,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adamerge.core.adapters import LoraAdapter
+from adamerge.core.readers import (  # noqa: F401 (re-exported: the pool's public surface)
+    LoraReader,
+    PoolError,
+    SafetensorsReader,
+    StateDictReader,
+    TensorReader,
+    TorchStateReader,
+    align_key,
+    expert_key,
+    local_path,
+    open_reader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +54,6 @@ DTYPES = {
     "fp16": torch.float16,
     "float64": torch.float64,
 }
-
-
-class PoolError(ValueError):
-    """Bad experts: the message names the expert, the tensor and the fix."""
 
 
 @dataclass
@@ -95,158 +110,16 @@ def select_merged_names(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Readers: one expert's tensors, read lazily by name.
-# --------------------------------------------------------------------------------------------------------------
-
-
-class TensorReader:
-    """Lazy name -> tensor access to one expert's weights."""
-
-    def keys(self) -> set[str]:
-        raise NotImplementedError
-
-    def get(self, name: str) -> Tensor:
-        raise NotImplementedError
-
-
-class StateDictReader(TensorReader):
-    def __init__(self, state: Mapping[str, Tensor]):
-        self.state = state
-
-    def keys(self) -> set[str]:
-        return set(self.state)
-
-    def get(self, name: str) -> Tensor:
-        return self.state[name]
-
-
-class SafetensorsReader(TensorReader):
-    """A safetensors file, or a folder with ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
-
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        files = safetensors_files(self.path)
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
-
-    def keys(self) -> set[str]:
-        return set(self._where)
-
-    def get(self, name: str) -> Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
-
-
-class LoraReader(TensorReader):
-    """A LoRA expert seen as dense weights: base + scale * B @ A for adapted tensors, the base elsewhere."""
-
-    def __init__(self, adapter: LoraAdapter, base_state: Mapping[str, Tensor], prefix: str = ""):
-        keys = set(base_state)
-        # An adapter trained on a head-carrying class (bert.encoder...) fits a bare base (encoder...) and back.
-        adapter.modules = {align_key(n, keys, prefix) or n: f for n, f in adapter.modules.items()}
-        adapter.extra_tensors = {
-            n.removeprefix(f"{prefix}.") if prefix else n: t for n, t in adapter.extra_tensors.items()
-        }
-        adapter.check_against(base_state)
-        self.adapter = adapter
-        self.base_state = base_state
-
-    def keys(self) -> set[str]:
-        return set(self.base_state) | set(self.adapter.extra_tensors)
-
-    def get(self, name: str) -> Tensor:
-        if name in self.adapter.extra_tensors:
-            return self.adapter.extra_tensors[name]
-        base = self.base_state[name]
-        if name in self.adapter.modules:
-            return base + self.adapter.delta(name).to(base.dtype)
-        return base
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    return []
-
-
-def local_path(source: str) -> Path:
-    """A local folder/file as is; a Hugging Face hub id downloaded (weights and configs only)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if source.startswith((".", "/", "~")):
-        raise PoolError(f"expert path {source!r} does not exist; fix the path in the experts config")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-    snapshot = Path(snapshot_download(source, allow_patterns=patterns))
-    if not any(snapshot.glob("*.safetensors")):  # a legacy repo with .bin weights only: fetch those too
-        snapshot = Path(snapshot_download(source, allow_patterns=[*patterns, "*.bin"]))
-    return snapshot
-
-
-def open_reader(
-    name: str,
-    source: str | Path | nn.Module | Mapping[str, Tensor],
-    base_state: Mapping[str, Tensor],
-    base_config: object | None = None,
-    prefix: str = "",
-) -> TensorReader:
-    """Pick a reader for an expert source; checks the architecture against the base where a config says it."""
-    if isinstance(source, nn.Module):
-        return StateDictReader(source.state_dict())
-    if isinstance(source, Mapping):
-        return StateDictReader(source)
-    path = local_path(str(source))
-    if (path / "adapter_config.json").exists():
-        return LoraReader(LoraAdapter.from_folder(path, expert=name), base_state, prefix)
-    check_architecture(name, path, base_config)
-    if safetensors_files(path):
-        return SafetensorsReader(path)
-    if path.is_dir():
-        # No safetensors (a legacy .bin checkpoint): the one case where the expert is materialised whole.
-        from transformers import AutoModel
-
-        log.warning("expert %r has no safetensors weights; loading it whole with from_pretrained", name)
-        return StateDictReader(AutoModel.from_pretrained(path).state_dict())
-    raise PoolError(
-        f"expert {name!r}: cannot read weights from {path}; give a model folder, a .safetensors file "
-        "or a PEFT adapter folder"
-    )
-
-
-def check_architecture(name: str, path: Path, base_config: object | None) -> None:
-    config_file = path / "config.json" if path.is_dir() else None
-    if base_config is None or config_file is None or not config_file.exists():
-        return
-    expert_type = json.loads(config_file.read_text()).get("model_type")
-    base_type = getattr(base_config, "model_type", None)
-    if expert_type and base_type and expert_type != base_type:
-        raise PoolError(
-            f"expert {name!r} is a {expert_type!r} model but the base is {base_type!r}: experts must be fine-tunes "
-            "of the base; fix experts.models or experts.base"
-        )
-
-
-def align_key(name: str, expert_keys: set[str], prefix: str) -> str | None:
-    """The expert's key for a base tensor name, allowing for a ``base_model_prefix`` added or dropped."""
-    candidates = [name]
-    if prefix:
-        candidates += [f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
-    return next((c for c in candidates if c in expert_keys), None)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Building the pool.
 # --------------------------------------------------------------------------------------------------------------
+
+
+def progress(items, desc: str, **kwargs):
+    """A tqdm bar over ``items`` on an interactive terminal when this module logs at INFO; silent otherwise."""
+    from tqdm import tqdm
+
+    quiet = not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO))
+    return tqdm(items, desc=desc, disable=quiet, leave=False, **kwargs)
 
 
 def build_task_vectors(
@@ -256,12 +129,17 @@ def build_task_vectors(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     prefix: str = "",
+    check_finite: bool = True,
 ) -> dict[str, Tensor]:
-    """Stack ``theta_k - theta_0`` per tensor into ``[K, *shape]`` buffers, one expert tensor read at a time."""
+    """Stack ``theta_k - theta_0`` per tensor into ``[K, *shape]`` buffers, one expert tensor read at a time.
+
+    Each row is formed in float32 and stored in ``dtype``; with ``check_finite`` the stored row is checked for
+    NaN/inf right after it is written (one pass over memory that is hot), and the error names the culprit.
+    """
     experts = list(readers)
     keys = {e: r.keys() for e, r in readers.items()}
     stacks = {}
-    for name in names:
+    for name in progress(names, "task vectors", unit="tensor"):
         base = base_state[name]
         stack = torch.empty((len(experts), *base.shape), dtype=dtype, device=device)
         for k, expert in enumerate(experts):
@@ -283,23 +161,72 @@ def build_task_vectors(
                     f"{tuple(base.shape)}; the expert's architecture differs from the base (check experts.base)"
                 )
             stack[k] = (value.to(device=device, dtype=torch.float32) - base.to(device, torch.float32)).to(dtype)
+            if check_finite and not torch.isfinite(stack[k]).all():
+                raise not_finite_error(expert, name, stack[k], value, base)
         stacks[name] = stack
     return stacks
 
 
+def not_finite_error(expert: str, name: str, row: Tensor, value: Tensor, base: Tensor) -> PoolError:
+    """Why a task-vector row holds NaN/inf: the base, the expert, or the storage dtype's range (checked in that order)."""
+    count = f"{int((~torch.isfinite(row)).sum())} NaN/inf value(s) out of {row.numel()}"
+    skip = "or skip this check with experts.check_finite=false"
+    if not torch.isfinite(base).all():
+        return PoolError(
+            f"the base model's tensor {name!r} holds NaN/inf values (every expert's task vector inherits them); "
+            f"fix experts.base, {skip}"
+        )
+    if torch.isfinite(value).all():
+        return PoolError(
+            f"expert {expert!r}: the task vector of tensor {name!r} has {count}: it overflows the storage dtype "
+            f"{row.dtype}; store task vectors in float32 or bfloat16 (experts.dtype), {skip}"
+        )
+    return PoolError(
+        f"expert {expert!r}: tensor {name!r} has {count} (a diverged fine-tune or a broken conversion); fix the "
+        f"expert or drop it from experts.experts ({expert_key(expert)}), {skip}"
+    )
+
+
 def collect_heads(
-    readers: Mapping[str, TensorReader], head_patterns: Iterable[str], prefix: str
+    readers: Mapping[str, TensorReader],
+    head_patterns: Iterable[str],
+    prefix: str,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    default_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
 ) -> dict[str, dict[str, Tensor]]:
-    """Each expert's task-specific tensors, keyed by the base model's naming (prefix normalised)."""
+    """Each expert's task-specific tensors, keyed by the base model's naming (prefix normalised).
+
+    Floating heads are cast to ``dtypes[name]`` (the base's tensor of that name) or ``default_dtype`` (the base's
+    dtype), so that an fp16 expert's head runs in an fp32 base; with ``check_finite`` they are checked for NaN/inf.
+    """
+    dtypes = dtypes or {}
     heads = {}
     for expert, reader in readers.items():
         tensors = {}
         for key in sorted(reader.keys()):
             base_name = key.removeprefix(f"{prefix}.") if prefix else key
-            if matches(base_name, head_patterns):
-                tensors[base_name] = reader.get(key).clone()
+            if not matches(base_name, head_patterns):
+                continue
+            value = reader.get(key)
+            if value.is_floating_point():
+                if check_finite and not torch.isfinite(value).all():
+                    raise PoolError(
+                        f"expert {expert!r}: head tensor {base_name!r} has {int((~torch.isfinite(value)).sum())} "
+                        f"NaN/inf value(s); fix the expert or drop it from experts.experts ({expert_key(expert)}), or "
+                        "skip this check with experts.check_finite=false"
+                    )
+                value = value.to(dtype=dtypes.get(base_name, default_dtype or value.dtype), copy=True)
+            else:
+                value = value.clone()
+            tensors[base_name] = value
         heads[expert] = tensors
     return heads
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating parameters (the first one's; float32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def check_no_extra_tensors(
@@ -330,21 +257,40 @@ def make_pool(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     base_source: str | None = None,
+    check_finite: bool = True,
 ) -> ExpertPool:
-    """A pool from an instantiated base model and expert sources (folders, files, adapters, modules, state dicts)."""
+    """A pool from an instantiated base model and expert sources (folders, files, adapters, modules, state dicts).
+
+    Args:
+        model: the base model (theta_0); frozen, moved to ``device``.
+        experts: expert name -> source (config key ``experts.experts``).
+        include / exclude: globs of the tensors to merge (``experts.include`` / ``experts.exclude``).
+        head_patterns: globs of task-specific tensors, kept per expert, never merged (``experts.head_patterns``).
+        dtype: task-vector storage (``experts.dtype``); rows are formed in float32 first.
+        device: where the base and the task vectors live.
+        base_source: the base's id/folder (``experts.base``), recorded for exports and checked against adapters.
+        check_finite: refuse NaN/inf in task vectors and heads, naming expert and tensor (``experts.check_finite``).
+    """
     if not experts:
-        raise PoolError("no experts given; list at least one under experts.models")
+        raise PoolError("no experts given; list at least one under experts.experts")
     head_patterns = list(head_patterns)
     model.requires_grad_(False)
     base_state = dict(model.named_parameters())  # tied weights once; buffers are not learned, never merged
     prefix = getattr(model, "base_model_prefix", "") or ""
     config = getattr(model, "config", None)
-    readers = {name: open_reader(name, src, base_state, config, prefix) for name, src in experts.items()}
+    readers = {}
+    for name, source in progress(experts.items(), "experts", unit="expert"):
+        readers[name] = open_reader(name, source, base_state, config, prefix)
+        if isinstance(readers[name], LoraReader):
+            readers[name].adapter.check_base(base_source or getattr(model, "name_or_path", None))
     known = set(model.state_dict()) | set(base_state)
     check_no_extra_tensors(readers, known, list(exclude) + head_patterns, prefix)
     names = select_merged_names(base_state, include, exclude, head_patterns)
-    task_vectors = build_task_vectors(base_state, readers, names, resolve_dtype(dtype), device, prefix)
-    heads = collect_heads(readers, head_patterns, prefix)
+    task_vectors = build_task_vectors(
+        base_state, readers, names, resolve_dtype(dtype), device, prefix, check_finite=check_finite
+    )
+    dtypes = {n: t.dtype for n, t in model.state_dict().items()}
+    heads = collect_heads(readers, head_patterns, prefix, dtypes, model_dtype(model), check_finite)
     log.info(
         "pool: %d experts, %d merged tensors (%.1fM parameters each)",
         len(readers),
@@ -364,7 +310,7 @@ def load_pool(
     """Load the base with ``from_pretrained`` (hub id or folder) and build the pool from expert sources."""
     cls = import_object(model_class) if isinstance(model_class, str) else model_class
     loader = getattr(cls, "from_pretrained", cls)
-    model = loader(str(local_path(base)), **dict(model_kwargs or {}))
+    model = loader(str(local_path(str(base), "experts.base", "the base")), **dict(model_kwargs or {}))
     return make_pool(model, experts, base_source=base, **pool_kwargs)
 
 

@@ -6,8 +6,10 @@ cached teacher targets), never passed to the model.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -27,15 +29,31 @@ class DataError(ValueError):
 
 
 def load_split(source, split: str, task: str):
-    """A ``datasets.Dataset`` split from an in-memory DatasetDict/dict, a local folder, or a hub name."""
+    """A ``datasets.Dataset`` split from an in-memory DatasetDict/dict, a local folder, a hub name, or a dict of
+    ``load_dataset`` kwargs (``{path: json, data_files: {validation: a.jsonl}}``).
+
+    Config containers (omegaconf ``DictConfig``/``ListConfig``, as Hydra passes ``data.tasks``) are turned into plain
+    Python first: ``datasets`` tells a split -> files mapping from a list of files by its type.
+    """
     import datasets
 
+    source = plain(source)
     if isinstance(source, str):
-        source = datasets.load_from_disk(source) if _is_saved_dataset(source) else datasets.load_dataset(source)
+        source = load_saved(source, split, task) if _is_saved_dataset(source) else datasets.load_dataset(source)
     if isinstance(source, Mapping) and "path" in source:
         spec = dict(source)
         path = spec.pop("path")
-        source = datasets.load_from_disk(path) if _is_saved_dataset(path) else datasets.load_dataset(path, **spec)
+        if _is_saved_dataset(path):
+            source = load_saved(path, split, task)
+        else:
+            check_data_files(spec.get("data_files"), task)
+            try:
+                source = datasets.load_dataset(path, **spec)
+            except StopIteration as err:  # the json builder's answer to a file with no record
+                raise DataError(
+                    f"task {task!r}: {path!r} found no record in {spec.get('data_files') or path}; a data file is "
+                    f"empty or blank: fill it or fix data.tasks.{task}"
+                ) from err
     if split not in source:
         raise DataError(
             f"task {task!r}: dataset has no split {split!r} (it has {sorted(source)}); "
@@ -44,9 +62,60 @@ def load_split(source, split: str, task: str):
     return source[split]
 
 
-def _is_saved_dataset(path: str) -> bool:
-    from pathlib import Path
+def plain(value):
+    """omegaconf containers -> dicts and lists, inside plain dicts and lists too; anything else as is."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if type(value) is dict:  # not a DatasetDict (a dict subclass): that one is data, not config
+        return {k: plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def check_data_files(data_files, task: str) -> None:
+    """Refuse empty local data files by name: ``datasets`` fails on them with a bare StopIteration or IndexError."""
+    if data_files is None:
+        return
+    by_split = data_files if isinstance(data_files, Mapping) else {"train": data_files}
+    for file_split, files in by_split.items():
+        for file in [files] if isinstance(files, str) else files:
+            path = Path(file).expanduser()
+            if path.is_file() and path.stat().st_size == 0:
+                raise DataError(
+                    f"task {task!r}: data file {file} (split {file_split!r}) is empty; fill it or fix "
+                    f"data.tasks.{task}.data_files"
+                )
+
+
+def load_saved(path: str, split: str, task: str):
+    """A ``save_to_disk`` folder: only the requested split of a DatasetDict is loaded; an empty one is named."""
+    import datasets
+
+    folder = Path(path)
+    if not (folder / "dataset_dict.json").exists():
+        raise DataError(
+            f"task {task!r}: {path} holds a single saved Dataset, not splits; save a DatasetDict with the splits "
+            f"data.calib_split and data.eval_split, or fix data.tasks.{task}"
+        )
+    splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    if split not in splits:
+        raise DataError(
+            f"task {task!r}: dataset {path} has no split {split!r} (it has {sorted(splits)}); "
+            "fix data.calib_split / data.eval_split"
+        )
+    state = json.loads((folder / split / "state.json").read_text())
+    if not state.get("_data_files"):  # saved with no rows: load_from_disk fails with a bare IndexError
+        raise DataError(
+            f"task {task!r}: split {split!r} saved in {folder / split} is empty (no rows); save it again with data, "
+            f"or fix data.tasks.{task}"
+        )
+    return {split: datasets.load_from_disk(str(folder / split))}
+
+
+def _is_saved_dataset(path: str) -> bool:
     return (Path(path) / "dataset_dict.json").exists() or (Path(path) / "state.json").exists()
 
 
