@@ -1,9 +1,5 @@
-"""The ``adamerge`` command: a Hydra app over ``conf/`` (shipped in the package as ``adamerge.conf``).
-
-adamerge experiment=tiny                       # tiny experts + synthetic data, < 1 min on CPU
-adamerge experiment=tiny method=ties           # a static merge
-adamerge --multirun experiment=tiny method=adamerging,adamerging_task
-"""
+"""The ``adamerge`` command: a Hydra app over ``conf/`` (shipped in the package as ``adamerge.conf``), plus two
+subcommands that need no config: ``methods`` (the registry) and ``estimate`` (a memory plan)."""
 
 from __future__ import annotations
 
@@ -38,10 +34,49 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("adamerge_precision", auto_precision)
 
 
+USAGE = """\
+usage: adamerge [OVERRIDE ...]            merge as configured (a Hydra app over conf/train.yaml)
+       adamerge methods                   list the registered methods: kind, needs, description, paper
+       adamerge estimate MODEL --experts K   memory plan of a merge, from the config only (no weights)
+
+examples:
+  adamerge experiment=tiny                             tiny BERT experts + synthetic data, < 1 min on a CPU
+  adamerge experiment=tiny method=ties                 a static merge instead
+  adamerge experiment=tiny_lm method=expert_merging    causal-LM experts (held-out response loss)
+  adamerge --multirun experiment=tiny method=adamerging,adamerging_task
+  adamerge experiment=tiny hydra.run.dir=outputs/run1 ckpt_path=last    resume an interrupted run
+
+config groups (choose with group=option): experts, data, method, objective, evaluator, trainer, logger,
+callbacks, experiment, debug. Hydra's own help (the composed config, its flags): adamerge --hydra-help;
+adamerge --cfg job prints the composed config.
+"""
+
+
+def list_methods() -> str:
+    """One line per registered method, read from the registry (so it cannot fall out of date)."""
+    from adamerge.methods.registry import methods
+
+    specs = methods()
+    width = max(len(s.name) for s in specs)
+    lines = [f"{'method':<{width}}  {'kind':<7}  needs / description / paper"]
+    for s in specs:
+        lines.append(f"{s.name:<{width}}  {s.kind:<7}  needs {s.needs.describe()}")
+        lines.append(f"{'':<{width}}  {'':<7}  {s.description}")
+        lines.append(f"{'':<{width}}  {'':<7}  {s.paper}")
+    return "\n".join(lines) + "\n\nchoose one with: adamerge method=<name>; its options: conf/method/<name>.yaml"
+
+
 def main() -> None:
     import sys
 
-    if len(sys.argv) > 1 and sys.argv[1] == "estimate":  # `adamerge estimate MODEL --experts K`: no Hydra, no weights
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if command == "methods":
+        print(list_methods())
+        return
+    if command == "estimate":  # `adamerge estimate MODEL --experts K`: no Hydra, no weights
         from adamerge.estimate import main as estimate
 
         estimate(sys.argv[2:])
@@ -51,10 +86,11 @@ def main() -> None:
     register_resolvers()
 
     @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-    def _main(cfg) -> None:
+    def _main(cfg) -> float | None:
         from adamerge.pipeline import run
 
-        run(cfg)
+        # Sweepers (Optuna) minimise what the task returns: the merge's calibration objective.
+        return run(cfg)["calibration_loss"]
 
     _main()
 

@@ -1,7 +1,9 @@
-"""One run, as a straight line of ``instantiate`` calls: pool -> (transform) -> merge or learn -> evaluate -> export.
+"""One run, as a straight line: check the config -> pool -> data -> references -> method.merge -> evaluate -> write.
 
-Every artifact goes into ``cfg.paths.output_dir`` (the Hydra run dir): results.csv/md, coefficients.json/png,
-the merged model, and Lightning checkpoints of the coefficients.
+Nothing here depends on a method's kind: a method (``adamerge.methods``) returns a ``MergeResult`` that is evaluated
+by the configured evaluator (``adamerge.evaluation``) and exported through the merged-model protocol. Every artifact
+goes into ``cfg.paths.output_dir`` (the Hydra run dir): results.csv/md, coefficients.json/png, the merged model, and
+Lightning checkpoints of the coefficients.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
 
 from adamerge.artifacts.atomic import check_writable, write_json
-from adamerge.artifacts.export import coefficients_record, export_model
 from adamerge.artifacts.plots import coefficient_heatmap
-from adamerge.core.lora_merged import LoraMergedModel
-from adamerge.core.lora_pool import LoraPool
-from adamerge.core.merged import MergedModel
-from adamerge.engine.train import learn
-from adamerge.evaluation.classification import evaluate, reference_rows, summarize, to_markdown, write_results
+from adamerge.core.factory import merged_model, pool_kind
+from adamerge.engine.train import calibration_loss
+from adamerge.evaluation.protocol import reference_rows
+from adamerge.evaluation.results import summarize, to_markdown, write_results
+from adamerge.methods.registry import ConfigError, MergeResult, Run, build_method, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,101 +37,64 @@ def check_tasks(experts: list[str], tasks: list[str]) -> None:
         )
 
 
+def check_pool(method_name: str, kind: str | None) -> None:
+    """A method that needs dense task vectors cannot run on LoRA factors: say so before loading anything."""
+    if kind == "lora" and get_spec(method_name).needs.dense:
+        raise ConfigError(
+            f"method {method_name!r} needs dense task vectors; LoRA-native experts (experts=lora) give factors only. "
+            "Use experts=hf with the same adapter folders (densified on load), or a method that takes LoRA factors "
+            "(adamerge methods)"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
-    """Run one merge as configured; returns the summary table rows."""
+    """Run one merge as configured; returns the summary table, the output dir and the coefficient record."""
     out_dir = check_writable(cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
-    method = cfg.method
+    method = build_method(cfg.method)  # typed options, checked before any work
+    check_pool(method.name, pool_kind(cfg.experts._target_))
+    evaluator = instantiate(cfg.evaluator)
     pool = instantiate(cfg.experts)
-    datamodule = instantiate(cfg.data, num_steps=method.get("steps", 0) or 0)
-    check_tasks(pool.experts, datamodule.task_names)
-    datamodule.setup("fit")
-    loaders = datamodule.eval_dataloaders()
+    check_pool(method.name, pool_kind(pool))
+    data = instantiate(cfg.data, num_steps=method.calibration_steps)
+    check_tasks(pool.experts, data.task_names)
+    data.setup("fit")
+    if cfg.evaluate:
+        evaluator.check(data)
 
     rows = {}
-    if cfg.evaluate:
-        rows |= reference_rows(merged_model(pool, granularity="task"), loaders, cfg.reference_lambda)
-    if isinstance(pool, LoraPool) and (method.get("transform") or not method.learned):
-        raise ValueError(
-            f"method {method.name!r} needs dense task vectors; LoRA-native experts (experts=lora) "
-            "support learned methods without transform; use experts=hf to densify the adapters"
-        )
-    if method.get("transform"):
-        pool = instantiate(method.transform)(pool)
-
-    if method.learned:
-        merged = build_merged(method, pool)
-        if method.get("chunking"):  # Expert Merging++: a layer-wise pass (one chunk per tensor) sets the chunks
-            from adamerge.methods.chunking import chunked_model
-
-            learn(cfg, merged, datamodule, steps=method.chunking.layer_steps, quiet=True)
-            merged = chunked_model(merged, pool, instantiate(method.chunking.allocate)(merged))
-        if cfg.evaluate:
-            rows[f"{method.name} (init, before training)"] = evaluate(merged, merged.merged_tensors(), loaders)
-        trainer = learn(cfg, merged, datamodule)
-        params = merged.merged_tensors()
-        record = coefficients_record(merged)
-        write_json(out_dir / "coefficients.json", record)
-        coefficient_heatmap(record["coefficients"], out_dir / "coefficients.png", title=method.name)
-        log_image(trainer, out_dir / "coefficients.png")
-    else:
-        merged = merged_model(pool, granularity="task")
-        params = instantiate(method.merge)(pool)
-        record = {"method": method.name, "merge": OmegaConf.to_container(method.merge, resolve=True)}
-        trainer = None
+    if cfg.evaluate and rank_zero_only.rank == 0:
+        rows |= reference_rows(merged_model(pool, granularity="task"), evaluator, data, cfg.reference_lambda)
+    result = method.merge(Run(cfg, pool, data))
+    if rank_zero_only.rank != 0:  # data-parallel ranks train; rank 0 alone judges and writes
+        return {"table": [], "output_dir": str(out_dir), "coefficients": result.record, "calibration_loss": None}
 
     table = []
     if cfg.evaluate:
-        rows[method.name] = evaluate(merged, params, loaders)
-        table = summarize(rows)
-        write_results(table, out_dir)
-        log.info("results (%s):\n%s", out_dir, to_markdown(table))
-        log_results(trainer, table)
+        if result.init_coefficients is not None:
+            init = result.model.merged_tensors(result.init_coefficients)
+            rows[f"{method.name} (init, before training)"] = evaluator.evaluate(result.model, init, data)
+        rows[method.name] = evaluator.evaluate(result.model, result.params, data)
+        table = summarize(rows, evaluator.metrics)
+        write_results(table, out_dir, evaluator.primary)
+        log.info("results (%s):\n%s", out_dir, to_markdown(table, evaluator.primary))
+        log_results(result.trainer, table)
+    write_coefficients(result, out_dir, method.name)
+    objective = None
+    if cfg.calibration_batches:
+        objective = calibration_loss(cfg, result.model, result.params, data, cfg.calibration_batches)
+        log.info("calibration objective of the merge: %.6g (%d batches per task)", objective, cfg.calibration_batches)
     if cfg.export:
-        heads = {task: merged.head(task) for task in merged.experts}
-        export_model(merged.merge_and_unload(params=params), out_dir / "merged", heads, record, pool.base_source)
-    return {"table": table, "output_dir": str(out_dir), "coefficients": record}
+        result.model.export(out_dir / "merged", result.params, result.record, pool.base_source)
+    return {"table": table, "output_dir": str(out_dir), "coefficients": result.record, "calibration_loss": objective}
 
 
-def merged_model(
-    pool,
-    storage: str = "resident",
-    rank=None,
-    energy=None,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    **kwargs,
-) -> MergedModel | LoraMergedModel:
-    """The functional merged model for a pool: dense task vectors, or LoRA factors composed without densifying."""
-    if isinstance(pool, LoraPool):
-        if storage != "resident":
-            raise ValueError("LoRA factors are small and always resident; set method.storage=resident")
-        if activation_checkpointing or compile:
-            raise ValueError(
-                "activation checkpointing and compile are for dense experts; set method.activation_checkpointing=false "
-                "and method.compile=false"
-            )
-        return LoraMergedModel(pool, **kwargs)
-    options = dict(activation_checkpointing=activation_checkpointing, compile=compile)
-    return MergedModel(pool, storage=storage, rank=rank, energy=energy, **options, **kwargs)
-
-
-def build_merged(method: DictConfig, pool) -> MergedModel | LoraMergedModel:
-    """The learnable merged model as ``method`` configures it."""
-    return merged_model(
-        pool,
-        granularity=method.granularity,
-        init=method.init,
-        parametrization=method.parametrization,
-        clamp=tuple(method.clamp) if method.clamp is not None else None,
-        chunks=method.get("chunks", 1),
-        storage=method.storage,
-        rank=method.get("rank"),
-        energy=method.get("energy"),
-        activation_checkpointing=method.get("activation_checkpointing", False),
-        compile=method.get("compile", False),
-        **({"block_pattern": method.block_pattern} if method.get("block_pattern") else {}),
-    )
+def write_coefficients(result: MergeResult, out_dir: Path, title: str) -> None:
+    """coefficients.json (the merge's record), and its heatmap when the merge has a coefficient table."""
+    write_json(out_dir / "coefficients.json", result.record)
+    if result.coefficients is not None:
+        coefficient_heatmap(result.coefficients, out_dir / "coefficients.png", title=title)
+        log_image(result.trainer, out_dir / "coefficients.png")
 
 
 def log_results(trainer, table: list[dict]) -> None:

@@ -27,7 +27,7 @@ def tiny_bert_config(**overrides) -> BertConfig:
 
 def coefficient_grads(merged, batch) -> torch.Tensor:
     """d(sum over tasks of mean logsumexp) / d raw coefficients, through the trainer's two-stage backward."""
-    from adamerge.core.merged import two_stage_backward
+    from adamerge.core.merged_base import two_stage_backward
 
     def run(params):
         for task in merged.experts:

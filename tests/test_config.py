@@ -9,13 +9,15 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from adamerge.cli import config_dir, register_resolvers
+from adamerge.methods.registry import REGISTRY, build_method, methods
 from adamerge.pipeline import run
 
 CONF = Path(config_dir())
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's options; files starting with _ are shared fragments (method/_learned.yaml), not options."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def make_cfg(*overrides):
@@ -28,13 +30,19 @@ def make_cfg(*overrides):
 def test_every_method_composes_and_its_callables_instantiate(method):
     cfg = make_cfg(f"method={method}")
     assert cfg.method.name == method
-    if cfg.method.learned:
-        assert cfg.method.granularity in {"task", "layer", "block", "chunk"}
-        assert callable(instantiate(cfg.method.optimizer))
-        if cfg.method.get("transform"):
-            assert callable(instantiate(cfg.method.transform))
+    built = build_method(cfg.method)
+    assert type(built) is REGISTRY[method].factory
+    if REGISTRY[method].kind == "learned":
+        assert built.granularity in {"task", "layer", "block", "chunk"} and built.calibration_steps == built.steps
+        assert callable(instantiate(built.optimizer))
+        if getattr(built, "transform", None) is not None:
+            assert callable(instantiate(built.transform))
     else:
-        assert callable(instantiate(cfg.method.merge))
+        assert built.calibration_steps == 0 and callable(built.merge)
+
+
+def test_every_method_yaml_is_registered_and_every_registered_method_has_a_yaml():
+    assert set(options("method")) == {spec.name for spec in methods()}
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -14,6 +14,7 @@ from transformers import BertForSequenceClassification
 
 from adamerge.core.pool import make_pool
 from adamerge.methods.doge import (
+    Doge,
     doge_merge,
     doge_transform,
     shared_subspace,
@@ -21,8 +22,10 @@ from adamerge.methods.doge import (
     task_aware_coefficients,
     top_singular,
 )
+from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
 from adamerge.methods.kernels import trim
+from adamerge.methods.registry import build_method
 from adamerge.methods.static import static_merge
 from tests.conftest import perturbed, tiny_bert_config
 
@@ -224,23 +227,23 @@ def test_doge_transform_keeps_the_pool_but_modifies_2d_task_vectors(pool, solved
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"eta": 0.0}, "method.merge.eta"),
-        ({"eta": float("nan")}, "method.merge.eta"),
-        ({"rank_ratio": 1.5}, "method.merge.rank_ratio"),
-        ({"form": "gram"}, "method.merge.form"),
-        ({"solver": "sgd"}, "method.merge.solver"),
-        ({"steps": -1}, "method.merge.steps"),
-        ({"steps": 2.5}, "method.merge.steps"),
-        ({"lr": 0}, "method.merge.lr"),
-        ({"top_k": 0}, "method.merge.top_k"),
-        ({"coefficients": "0.3"}, "method.merge.coefficients"),
-        ({"max_group": 0}, "method.merge.max_group"),
+        ({"eta": 0.0}, "method.eta"),
+        ({"eta": float("nan")}, "method.eta"),
+        ({"rank_ratio": 1.5}, "method.rank_ratio"),
+        ({"form": "gram"}, "method.form"),
+        ({"solver": "sgd"}, "method.solver"),
+        ({"steps": -1}, "method.steps"),
+        ({"steps": 2.5}, "method.steps"),
+        ({"lr": 0}, "method.lr"),
+        ({"top_k": 0}, "method.top_k"),
+        ({"coefficients": "0.3"}, "method.coefficients"),
+        ({"max_group": 0}, "method.max_group"),
     ],
 )
 def test_bad_arguments_name_the_config_key(pool, kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         doge_merge(pool, **kwargs)
-    with pytest.raises(ValueError, match=key.replace("merge", "transform").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=key.replace("method.", "method.transform.").replace(".", r"\.")):
         doge_transform(pool, **kwargs)
 
 
@@ -251,17 +254,18 @@ def test_method_configs_compose_into_the_train_config():
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        doge = compose("train", overrides=["method=doge"]).method
-        learned = compose("train", overrides=["method=doge_adamerging"]).method
-    assert doge.learned is False and doge.merge._target_ == "adamerge.methods.doge.doge_merge"
-    assert learned.learned is True and learned.granularity == "layer" and learned.steps == 500  # AdaMerging's
-    assert learned.transform._target_ == "adamerge.methods.doge.doge_transform" and learned.transform.eta == 0.07
+        doge = build_method(compose("train", overrides=["method=doge"]).method)
+        learned = build_method(compose("train", overrides=["method=doge_adamerging"]).method)
+    assert isinstance(doge, Doge) and doge.eta == 0.07 and doge.calibration_steps == 0
+    assert isinstance(learned, AdaMerging) and learned.granularity == "layer" and learned.steps == 500  # AdaMerging's
+    assert learned.transform["_target_"] == "adamerge.methods.doge.doge_transform" and learned.transform["eta"] == 0.07
 
 
 def test_method_configs_instantiate(pool):
     merge_cfg = OmegaConf.load(CONF / "doge.yaml")
-    assert merge_cfg.learned is False and merge_cfg.merge.eta == 0.07
-    merged = instantiate(merge_cfg.merge, steps=2)(pool)
+    assert merge_cfg.name == "doge" and merge_cfg.eta == 0.07
+    options = {k: v for k, v in OmegaConf.to_container(merge_cfg).items() if k != "name"}
+    merged = doge_merge(pool, **(options | {"steps": 2}))
     assert merged.keys() == pool.task_vectors.keys()
     transform_cfg = OmegaConf.load(CONF / "doge_adamerging.yaml")
     assert list(transform_cfg.defaults) == ["adamerging", "_self_"]

@@ -14,9 +14,10 @@ from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadMo
 from adamerge.artifacts.export import export_merged, load_merged
 from adamerge.cli import config_dir
 from adamerge.core.adapters import AdapterError
-from adamerge.core.lora_merged import LAMBDA_KEY, LoraMergedModel
+from adamerge.core.lora_merged import LoraMergedModel, LoraParams
 from adamerge.core.lora_pool import LoraPool, make_lora_pool
-from adamerge.core.merged import MergedModel, two_stage_backward
+from adamerge.core.merged import MergedModel
+from adamerge.core.merged_base import two_stage_backward
 from adamerge.core.pool import make_pool
 from adamerge.engine.module import MergeModule
 from adamerge.evaluation.classification import constant_params
@@ -236,10 +237,10 @@ def test_errors_name_the_expert_and_the_fix(tmp_path, base_model, adapters, expe
     with pytest.raises(ValueError, match="method.granularity"):
         LoraMergedModel(pool, granularity="chunk")
     lora = LoraMergedModel(pool, granularity="task")
-    with pytest.raises(KeyError, match="__lambda__"):
+    with pytest.raises(TypeError, match="runs on LoraParams.*dense MergedModel"):
         lora(input_ids=torch.ones(1, 4, dtype=torch.long), params=dict(base_model.named_parameters()))
     with pytest.raises(ValueError, match=r"shape \(3, 2\), expected \(3, 1\)"):
-        lora(input_ids=torch.ones(1, 4, dtype=torch.long), params={LAMBDA_KEY: torch.zeros(3, 2)})
+        lora(input_ids=torch.ones(1, 4, dtype=torch.long), params=LoraParams(torch.zeros(3, 2)))
 
 
 @pytest.mark.gpu

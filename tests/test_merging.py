@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from adamerge.core.coefficients import group_layout
-from adamerge.core.merged import MergedModel, merge_tensor, two_stage_backward
+from adamerge.core.merged import MergedModel, merge_tensor
+from adamerge.core.merged_base import two_stage_backward
 from adamerge.core.pool import make_pool
 from tests.conftest import tiny_bert_config
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from adamerge.artifacts.atomic import atomic_path, write_json
-from adamerge.core.merged import MergedModel, assign_tensor
+from adamerge.core.merged_base import MergedModelBase, assign_tensor
 
 log = logging.getLogger(__name__)
 
 
-def coefficients_record(merged: MergedModel) -> dict:
+def coefficients_record(merged: MergedModelBase) -> dict:
     return {
         "experts": merged.experts,
         "granularity": merged.granularity,
@@ -32,11 +32,11 @@ def coefficients_record(merged: MergedModel) -> dict:
     }
 
 
-def save_coefficients(merged: MergedModel, path: str | Path) -> Path:
+def save_coefficients(merged: MergedModelBase, path: str | Path) -> Path:
     return write_json(path, coefficients_record(merged))
 
 
-def load_coefficients(merged: MergedModel, path: str | Path) -> None:
+def load_coefficients(merged: MergedModelBase, path: str | Path) -> None:
     record = json.loads(Path(path).read_text())
     if record.get("granularity") != merged.granularity:
         raise ValueError(
@@ -91,10 +91,9 @@ def export_model(
     return out_dir
 
 
-def export_merged(merged: MergedModel, out_dir: str | Path, preprocessor_source: str | None = None) -> Path:
-    """Export theta(lam) of a ``MergedModel`` with its heads and coefficients."""
-    heads = {task: merged.head(task) for task in merged.experts}
-    return export_model(merged.merge_and_unload(), out_dir, heads, coefficients_record(merged), preprocessor_source)
+def export_merged(merged: MergedModelBase, out_dir: str | Path, preprocessor_source: str | None = None) -> Path:
+    """Export theta(lam) of a ``MergedModelBase`` with its heads and coefficients."""
+    return merged.export(out_dir, record=coefficients_record(merged), source=preprocessor_source)
 
 
 def load_merged(out_dir: str | Path, task: str | None = None, model_class: str = "transformers.AutoModel") -> nn.Module:

@@ -10,10 +10,10 @@ The base model stays a plain model: the low-rank terms are added by forward hook
 one ``forward``, and heads (``modules_to_save``) are swapped in with ``functional_call`` as in ``MergedModel``.
 
 Contract of ``params`` (what ``merged_tensors`` returns and ``forward``/``merge_and_unload`` take): there are no
-dense merged tensors here, so ``params`` is ``{"__lambda__": lam}`` (the [K, G] coefficient table, differentiable),
-optionally with further dense overrides by tensor name. ``MergeModule`` works unchanged in both backward modes:
-``split`` backpropagates each task into a detached copy of ``lam`` and then once through the parametrisation, which
-is exact and keeps one task's activations alive at a time.
+dense merged tensors here, so ``params`` is a ``LoraParams``: the [K, G] coefficient table (differentiable),
+optionally with dense overrides by tensor name. ``MergeModule`` works unchanged in every backward mode: ``split``
+backpropagates each task into a detached leaf copy of ``lam`` and then once through the parametrisation, which is
+exact and keeps one task's activations alive at a time.
 
 Exports: ``merge_and_unload`` gives the dense merged model; ``export_peft_adapter`` writes one PEFT LoRA adapter that
 reproduces the merge exactly (rank ``r_tot = sum_k r_k``: ``A_cat`` and ``B_cat`` scaled by ``lam_k s_k`` per rank
@@ -27,6 +27,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,16 +38,23 @@ from torch.nn import functional as F
 
 from adamerge.artifacts.atomic import atomic_path
 from adamerge.core.adapters import PEFT_PREFIX, AdapterError, LoraAdapter
-from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
-from adamerge.core.merged import MergedModel, TensorBank, assign_tensor
+from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, group_layout
+from adamerge.core.merged_base import MergedModelBase, assign_tensor
 
 if TYPE_CHECKING:
     from adamerge.core.lora_pool import LoraPool
 
 log = logging.getLogger(__name__)
 
-LAMBDA_KEY = "__lambda__"
 LORA_GRANULARITIES = ("task", "layer", "block")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """A LoRA merge as the model runs it: the coefficient table ``lam`` [K, G] and dense overrides by tensor name."""
+
+    lam: Tensor
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class LoraStack(nn.Module):
@@ -87,8 +95,8 @@ class LoraStack(nn.Module):
         return delta.T if self.transposed else delta
 
 
-class LoraMergedModel(nn.Module):
-    """Frozen base + per-module stacked LoRA factors + coefficients; the public surface of ``MergedModel``.
+class LoraMergedModel(MergedModelBase):
+    """Frozen base + per-module stacked LoRA factors + coefficients, under the protocol of ``MergedModelBase``.
 
     Args:
         pool: a ``LoraPool`` (``make_lora_pool`` / ``load_lora_pool``).
@@ -108,7 +116,6 @@ class LoraMergedModel(nn.Module):
         block_pattern: str = DEFAULT_BLOCK_PATTERN,
         chunks: int | Mapping[str, int] = 1,
     ):
-        super().__init__()
         if granularity not in LORA_GRANULARITIES:
             raise ValueError(
                 f"granularity {granularity!r} is not available for LoRA experts; choose one of {LORA_GRANULARITIES} "
@@ -118,64 +125,44 @@ class LoraMergedModel(nn.Module):
             raise ValueError("chunks apply to chunk granularity only; leave method.chunks at 1 for LoRA experts")
         from transformers.pytorch_utils import Conv1D
 
-        self.model = pool.model.requires_grad_(False)
-        self.experts = list(pool.experts)
-        self.base_source = pool.base_source
         adapted = {n for a in pool.adapters.values() for n in a.modules}
-        self.names = [n for n, _ in self.model.named_parameters() if n in adapted]  # the base's order
-        if not self.names:
-            raise AdapterError(f"the adapters of {self.experts} adapt no module of the base; nothing to merge")
-        self.granularity = granularity
-        self.group_names, self.layout = group_layout(self.names, granularity, block_pattern)
+        names = [n for n, _ in pool.model.named_parameters() if n in adapted]  # the base's order
+        if not names:
+            raise AdapterError(f"the adapters of {list(pool.experts)} adapt no module of the base; nothing to merge")
+        group_names, layout = group_layout(names, granularity, block_pattern)
+        super().__init__(pool.model, pool.experts, pool.heads, group_names, granularity, init, parametrization, clamp)
+        self.base_source = pool.base_source
+        self.names, self.layout = names, layout
         adapters = [pool.adapters[e] for e in self.experts]
         # Conv1D holds its weight as (in, out): its dense delta is the transpose of B @ A.
         transposed = [isinstance(self.model.get_submodule(module_of(n)), Conv1D) for n in self.names]
         self.stacks = nn.ModuleList(LoraStack.from_adapters(n, adapters, t) for n, t in zip(self.names, transposed))
-        self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
-        self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
 
-    # The same code as the dense model's: these read only experts, group_names, heads and coefficients.
-    head = MergedModel.head
-    coefficient_table = MergedModel.coefficient_table
-    load_coefficient_table = MergedModel.load_coefficient_table
+    def merged_tensors(self, lam: Tensor | None = None) -> LoraParams:
+        """The coefficient table stands in for merged tensors (see the module docstring)."""
+        return LoraParams(self.coefficients() if lam is None else lam)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
-    def train(self, mode: bool = True) -> LoraMergedModel:
-        """Only the coefficients train: the frozen base stays in eval mode (no dropout), so steps are deterministic."""
-        super().train(mode)
-        self.model.eval()
-        return self
-
-    def merged_tensors(self, lam: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"__lambda__": lam}``: the coefficient table stands in for merged tensors (see the module docstring)."""
-        return {LAMBDA_KEY: self.coefficients() if lam is None else lam}
-
-    def training_leaves(self, lam: Tensor) -> dict[str, Tensor]:
+    def training_leaves(self, lam: Tensor) -> LoraParams:
         """The coefficient table as the one leaf ``two_stage_backward`` backpropagates the task losses into."""
-        return {LAMBDA_KEY: lam.detach().requires_grad_()}
+        return LoraParams(lam.detach().requires_grad_())
 
-    def coefficient_grad(self, grads: Mapping[str, Tensor | None]) -> Tensor:
-        grad = grads.get(LAMBDA_KEY)
+    def coefficient_grad(self, leaves: LoraParams) -> Tensor:
+        grad = leaves.lam.grad
         return self.coefficients.raw.new_zeros(self.coefficients.raw.shape) if grad is None else grad
 
-    def release_training_leaves(self) -> None:
-        """Nothing to free: the leaf is the coefficient table itself."""
-
-    def split_params(self, params: Mapping[str, Tensor] | None) -> tuple[Tensor, dict[str, Tensor]]:
-        params = dict(self.merged_tensors() if params is None else params)
-        if LAMBDA_KEY not in params:
-            raise KeyError(
-                f"params for a LoraMergedModel hold the coefficient table under {LAMBDA_KEY!r} (merged_tensors(lam)); "
-                f"got only {sorted(params)[:3]}: dense merged tensors need the dense MergedModel"
+    def split_params(self, params: LoraParams | None) -> tuple[Tensor, dict[str, Tensor]]:
+        params = self.merged_tensors() if params is None else params
+        if not isinstance(params, LoraParams):
+            raise TypeError(
+                f"a LoraMergedModel runs on LoraParams (its merged_tensors(lam)), got {type(params).__name__}: "
+                "dense merged tensors need the dense MergedModel"
             )
-        lam = params.pop(LAMBDA_KEY)
         expected = (self.num_experts, len(self.group_names))
-        if tuple(lam.shape) != expected:
-            raise ValueError(f"coefficient table has shape {tuple(lam.shape)}, expected {expected} (experts x groups)")
-        return lam, params
+        if tuple(params.lam.shape) != expected:
+            raise ValueError(
+                f"coefficient table has shape {tuple(params.lam.shape)}, expected {expected} (experts x groups)"
+            )
+        return params.lam, dict(params.tensors)
 
     def row_weights(self, lam: Tensor) -> list[Tensor]:
         return [stack.row_weights(lam[:, cols[0]]) for stack, cols in zip(self.stacks, self.layout)]
@@ -193,7 +180,7 @@ class LoraMergedModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def forward(self, *args, task: str | None = None, params: Mapping[str, Tensor] | None = None, **kwargs):
+    def forward(self, *args, task: str | None = None, params: LoraParams | None = None, **kwargs):
         """Run the base with the lam-weighted low-rank terms (``params``: see the module docstring) and ``task``'s head."""
         lam, tensors = self.split_params(params)
         if task is not None:
@@ -202,7 +189,7 @@ class LoraMergedModel(nn.Module):
             return functional_call(self.model, tensors, args, kwargs, strict=False)
 
     @torch.no_grad()
-    def merge_and_unload(self, task: str | None = None, params: Mapping[str, Tensor] | None = None) -> nn.Module:
+    def merge_and_unload(self, task: str | None = None, params: LoraParams | None = None) -> nn.Module:
         """A plain copy of the base holding W0 + sum_k lam_k s_k B_k A_k (and ``task``'s head): no adamerge needed."""
         lam, tensors = self.split_params(params)
         model = copy.deepcopy(self.model)
@@ -215,8 +202,14 @@ class LoraMergedModel(nn.Module):
             assign_tensor(model, name, value.detach())
         return model
 
+    def export(self, out_dir: str | Path, params: LoraParams | None = None, record=None, source=None) -> Path:
+        """The dense merged model with its heads (as every merged model), plus ``adapter/``: the exact PEFT adapter."""
+        out_dir = super().export(out_dir, params, record, source)
+        self.export_peft_adapter(Path(out_dir) / "adapter", params=params)
+        return out_dir
+
     @torch.no_grad()
-    def peft_adapter(self, task: str | None = None, params: Mapping[str, Tensor] | None = None):
+    def peft_adapter(self, task: str | None = None, params: LoraParams | None = None):
         """The merge as one PEFT LoRA adapter: (``LoraConfig``, state dict in PEFT's saved naming)."""
         from peft import LoraConfig
 
@@ -251,7 +244,7 @@ class LoraMergedModel(nn.Module):
         return config, state
 
     def export_peft_adapter(
-        self, out_dir: str | Path, task: str | None = None, params: Mapping[str, Tensor] | None = None
+        self, out_dir: str | Path, task: str | None = None, params: LoraParams | None = None
     ) -> Path:
         """Write the merge as a PEFT LoRA adapter folder; ``PeftModel.from_pretrained(base, out_dir)`` reproduces it.
 

@@ -16,35 +16,20 @@ the accumulated dL/dW to the coefficients with one matrix-vector product per ten
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.core.activation_checkpointing import block_names, checkpointed_blocks
-from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, Coefficients, group_layout
+from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, group_layout
 from adamerge.core.lowrank import low_rank, merge_low_rank, worth_compressing
-from adamerge.core.pool import ExpertPool
+from adamerge.core.merged_base import MergedModelBase, TensorBank, assign_tensor
 
-
-class TensorBank(nn.Module):
-    """Named tensors (dots allowed) held as non-persistent buffers: they follow ``.to()``, stay out of checkpoints."""
-
-    def __init__(self, tensors: Mapping[str, Tensor]):
-        super().__init__()
-        self.names = list(tensors)
-        for i, t in enumerate(tensors.values()):
-            self.register_buffer(f"t{i}", t, persistent=False)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def tensors(self) -> list[Tensor]:
-        return [getattr(self, f"t{i}") for i in range(len(self.names))]
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return list(zip(self.names, self.tensors()))
+if TYPE_CHECKING:
+    from adamerge.core.pool import ExpertPool
 
 
 def merge_tensor(base: Tensor, tau: Tensor, lam: Tensor) -> Tensor:
@@ -128,7 +113,7 @@ class StreamedMerge(torch.autograd.Function):
 STORAGES = ("resident", "streamed", "lowrank")
 
 
-class MergedModel(nn.Module):
+class MergedModel(MergedModelBase):
     """Frozen base + task-vector stacks + coefficients; ``forward`` runs the base architecture on theta(lam)."""
 
     def __init__(
@@ -146,12 +131,12 @@ class MergedModel(nn.Module):
         activation_checkpointing: bool = False,
         compile: bool = False,
     ):
-        super().__init__()
         if storage not in STORAGES:
             raise ValueError(f"unknown storage {storage!r}; choose one of {STORAGES} (config key: method.storage)")
-        self.model = pool.model.requires_grad_(False)
-        self.experts = list(pool.experts)
-        self.names = list(pool.task_vectors)
+        names = list(pool.task_vectors)
+        group_names, layout = group_layout(names, granularity, block_pattern, chunks)
+        super().__init__(pool.model, pool.experts, pool.heads, group_names, granularity, init, parametrization, clamp)
+        self.names, self.layout = names, layout
         # Blocks whose activations are recomputed in the backward instead of stored (adamerge.core.activation_checkpointing).
         self.checkpointed = block_names(self.names, block_pattern) if activation_checkpointing else []
         if activation_checkpointing and not self.checkpointed:
@@ -165,8 +150,6 @@ class MergedModel(nn.Module):
         # every task's head) reuse one graph; on the 2-core CPU it did not pay (README), so it is off by default.
         self.compiled = compile
         self.call = torch.compile(self.functional_forward) if compile else self.functional_forward
-        self.granularity = granularity
-        self.group_names, self.layout = group_layout(self.names, granularity, block_pattern, chunks)
         self.storage = storage
         factors = low_rank_stacks(pool.task_vectors, rank, energy) if storage == "lowrank" else {}
         if factors and granularity == "chunk":
@@ -179,25 +162,8 @@ class MergedModel(nn.Module):
         else:  # not buffers: .to(device) leaves them on the host; pinned for asynchronous copies when CUDA exists
             pin = torch.cuda.is_available()
             self.task_vectors = {n: t.cpu().pin_memory() if pin else t.cpu() for n, t in dense.items()}
-        self.heads = nn.ModuleDict({str(i): TensorBank(pool.heads.get(e, {})) for i, e in enumerate(self.experts)})
-        self.coefficients = Coefficients(len(self.experts), len(self.group_names), init, parametrization, clamp)
         self._leaves: dict[str, Tensor] | None = None  # training_leaves' persistent buffers
         self._leaves_place: tuple | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
-    def train(self, mode: bool = True) -> MergedModel:
-        """Only the coefficients train: the frozen base stays in eval mode (no dropout), so steps are deterministic."""
-        super().train(mode)
-        self.model.eval()
-        return self
-
-    def head(self, task: str) -> dict[str, Tensor]:
-        if task not in self.experts:
-            raise KeyError(f"no expert/head named {task!r}; tasks are {self.experts}")
-        return dict(self.heads[str(self.experts.index(task))].items())
 
     def merged_tensors(self, lam: Tensor | None = None) -> dict[str, Tensor]:
         """theta(lam) for every merged tensor, differentiable w.r.t. the coefficients."""
@@ -236,12 +202,13 @@ class MergedModel(nn.Module):
             out.requires_grad_(True)
         return buffers
 
-    def coefficient_grad(self, grads: Mapping[str, Tensor | None]) -> Tensor:
-        """d L / d lam [K, G] from d L / d W of the merged tensors (``None``: a tensor the loss did not use)."""
+    def coefficient_grad(self, leaves: Mapping[str, Tensor]) -> Tensor:
+        """d L / d lam [K, G] from d L / d W accumulated in the leaves (cleared here: between steps they would only
+        raise the peak). A leaf without a gradient is a tensor the loss did not use."""
         dense, factors = dict(self.task_vectors.items()), self.low_rank_factors()
         total = self.coefficients.raw.new_zeros(self.coefficients.raw.shape)
         for name, cols in zip(self.names, self.layout):
-            grad = grads.get(name)
+            grad, leaves[name].grad = leaves[name].grad, None
             if grad is None:
                 continue
             if name in dense:
@@ -286,63 +253,3 @@ class MergedModel(nn.Module):
         for name, value in tensors.items():
             assign_tensor(model, name, value.detach())
         return model
-
-    def coefficient_table(self) -> dict[str, dict[str, float]]:
-        """expert -> group -> coefficient, for JSON export and plots."""
-        lam = self.coefficients().detach().cpu().tolist()
-        return {e: dict(zip(self.group_names, row)) for e, row in zip(self.experts, lam)}
-
-    def load_coefficient_table(self, table: Mapping[str, Mapping[str, float]]) -> None:
-        """Inverse of ``coefficient_table``; refuses tables for other experts or groups."""
-        if list(table) != self.experts:
-            raise ValueError(f"coefficients are for experts {list(table)}, this model merges {self.experts}")
-        rows = []
-        for expert in self.experts:
-            missing = set(self.group_names) - set(table[expert])
-            if missing:
-                raise ValueError(
-                    f"coefficients of {expert!r} lack {len(missing)} group(s), e.g. "
-                    f"{sorted(missing)[:3]}; was the run made with another granularity?"
-                )
-            rows.append([table[expert][g] for g in self.group_names])
-        self.coefficients.assign(torch.tensor(rows))
-
-
-def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    """Replace ``model.<name>`` by ``value`` (shape may change, e.g. a head with another number of classes)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad))
-    else:
-        module.register_buffer(attr, value.to(old.dtype).clone())
-    config = getattr(model, "config", None)
-    if old.shape != value.shape and hasattr(config, "num_labels") and value.dim() >= 1:
-        config.num_labels = value.shape[0]
-
-
-def two_stage_backward(
-    model: nn.Module,
-    run: Callable[[Mapping[str, Tensor]], Iterable[Tensor]],
-    backward: Callable[[Tensor], None] = Tensor.backward,
-) -> list[Tensor]:
-    """Backpropagate task losses into ``model.coefficients`` with the merge done once, outside autograd.
-
-    ``run(params)`` yields one loss per task batch, computed on ``params`` (``model.training_leaves``); each is
-    backpropagated at once, so only one task's activations live at a time, and the gradients of the merged tensors
-    accumulate over the tasks. Then ``model.coefficient_grad`` turns them into d L / d lam, which goes back through
-    the coefficients' parametrisation (clamp or sigmoid). Exact: the merge is linear in lam. Returns the detached
-    task losses.
-    """
-    lam = model.coefficients()
-    leaves = model.training_leaves(lam.detach())
-    losses = []
-    for loss in run(leaves):
-        backward(loss)
-        losses.append(loss.detach())
-    grad = model.coefficient_grad({n: leaf.grad for n, leaf in leaves.items()})
-    for leaf in leaves.values():
-        leaf.grad = None  # the limit keeps them until zero_grad; freeing now lowers the peak between steps
-    lam.backward(grad)
-    return losses

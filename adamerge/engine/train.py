@@ -13,44 +13,50 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from adamerge.engine.data import StepBatches
+from adamerge.engine.datasets import MODEL_INPUTS, collate, model_inputs
 from adamerge.engine.module import MergeModule
 
 log = logging.getLogger(__name__)
 
 
-def learn(cfg: DictConfig, merged, datamodule, steps: int | None = None, quiet: bool = False):
-    """Fit the coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
+def learn(cfg: DictConfig, merged, datamodule, method, steps: int | None = None, quiet: bool = False):
+    """Fit ``merged``'s coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
 
-    ``quiet``: a first pass of ``steps`` steps without checkpoints or loggers (Expert Merging++'s layer-wise pass).
+    Args:
+        cfg: the run's config: ``objective``, ``trainer``, ``callbacks``, ``logger``, ``ckpt_path``, ``paths``.
+        merged: the merged model whose coefficient table trains.
+        datamodule: the calibration data.
+        method: the learned method's options (``optimizer``, ``scheduler``, ``backward``; ``LearnedMethod``).
+        steps: a first pass of this many steps without checkpoints or loggers (``quiet``; Expert Merging++'s
+            layer-wise pass); the main pass runs ``trainer.max_steps`` (default: ``method.steps``).
     """
-    import lightning as L
-
-    method = cfg.method
     objective = instantiate(cfg.objective)
     if hasattr(objective, "bind"):  # objectives that need the model and the calibration data (Expert Merging)
         objective.bind(merged, datamodule)
-    module = MergeModule(
-        merged,
-        objective,
-        instantiate(method.optimizer),
-        instantiate(method.scheduler) if method.get("scheduler") else None,
-        backward=method.backward,
-    )
+    scheduler = instantiate(method.scheduler) if method.scheduler is not None else None
+    module = MergeModule(merged, objective, instantiate(method.optimizer), scheduler, backward=method.backward)
     if quiet:
         trainer = instantiate(cfg.trainer, max_steps=steps, callbacks=[], logger=False, enable_checkpointing=False)
         with expected_lightning_warnings():
             trainer.fit(module, datamodule=datamodule)
         return trainer
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None] if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    ckpt_path = cfg.get("ckpt_path")
+    # A group removed on the command line (~logger, ~callbacks) has no key: it means none.
+    callbacks = [instantiate(c) for c in group(cfg, "callbacks").values() if c is not None]
+    loggers = [instantiate(c) for c in group(cfg, "logger").values() if c is not None] or False
+    with expected_lightning_warnings():
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    ckpt_path = cfg.ckpt_path
     if ckpt_path == "last" and not Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").exists():
         log.warning("ckpt_path=last but no checkpoint in %s/checkpoints: starting fresh", cfg.paths.output_dir)
         ckpt_path = None
     with expected_lightning_warnings():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
+
+
+def group(cfg: DictConfig, name: str) -> Mapping:
+    """A config group of named entries; a group removed on the command line (``~logger``) or set to null is empty."""
+    return (cfg[name] if name in cfg else None) or {}
 
 
 @contextmanager
@@ -107,3 +113,29 @@ def fit_coefficients(
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
     return module
+
+
+@torch.no_grad()
+def calibration_loss(cfg: DictConfig, model, params, datamodule, batches: int) -> float:
+    """The training objective (``cfg.objective``, summed over tasks) of the merge ``params``, averaged over the first
+    ``batches`` calibration batches of every task: the number a sweep minimises, for static and learned merges alike."""
+    objective = instantiate(cfg.objective)
+    if hasattr(objective, "bind"):
+        objective.bind(model, datamodule)
+    extra = getattr(objective, "model_kwargs", {})
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for step in range(batches):
+            for task, dataset in datamodule.calib.items():
+                rows = range(step * datamodule.batch_size, (step + 1) * datamodule.batch_size)
+                index = [i % len(dataset) for i in rows]
+                keys = [c for c in dataset.column_names if c in MODEL_INPUTS]
+                inputs = collate([dataset[i] for i in index], keys, datamodule.pad_id)
+                inputs = {k: v.to(model.device) for k, v in inputs.items()} | {"_index": torch.tensor(index)}
+                outputs = model(**model_inputs(inputs), **extra, task=task, params=params)
+                total += float(objective(outputs, task, inputs))
+    finally:
+        model.train(was_training)
+    return total / max(batches, 1)

@@ -1,35 +1,21 @@
-"""Judge merges: per-task accuracy of any set of merged tensors, next to honest references.
-
-Every table carries the floor (the base backbone read through the task heads, i.e. no merging at all), each
-expert on its own task (the ceiling used for normalized accuracy = acc / expert acc) and task arithmetic.
-"""
+"""Classification: top-1 accuracy of each task's head on its labeled evaluation split."""
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
-from collections.abc import Mapping
-from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
 
-from adamerge.artifacts.atomic import write_text
-from adamerge.core.merged import MergedModel
+from adamerge.core.merged_base import MergedModelBase
+from adamerge.engine.datasets import DataError
+from adamerge.evaluation.protocol import Evaluator, Metric
 from adamerge.objectives.entropy import logits_of
-
-log = logging.getLogger(__name__)
-
-FLOOR = "base + heads (floor)"
-EXPERT = "expert (own task)"
 
 
 @torch.no_grad()
-def accuracy(merged: MergedModel, params: Mapping[str, Tensor], loader: DataLoader, task: str) -> float:
-    """Top-1 accuracy of ``task``'s head on the merged tensors ``params``."""
-    device = next(iter(params.values())).device
+def accuracy(merged: MergedModelBase, params: Any, loader, task: str) -> float:
+    """Top-1 accuracy of ``task``'s head on the merge ``params``; ``loader`` yields model inputs plus ``labels``."""
+    device = merged.device
     correct = total = 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -46,71 +32,19 @@ def accuracy(merged: MergedModel, params: Mapping[str, Tensor], loader: DataLoad
     return correct / max(total, 1)
 
 
-def evaluate(merged: MergedModel, params: Mapping[str, Tensor], loaders: Mapping[str, DataLoader]) -> dict[str, float]:
-    was_training = merged.training
-    merged.eval()
-    try:
-        return {task: accuracy(merged, params, loader, task) for task, loader in loaders.items()}
-    finally:
-        merged.train(was_training)
+class Classification(Evaluator):
+    """Accuracy (higher is better) of each task's head; the labels are ``data.label_column`` of the eval split."""
 
+    metrics = (Metric("accuracy", higher_is_better=True),)
 
-def constant_params(merged: MergedModel, value: float | Tensor) -> dict[str, Tensor]:
-    """Merged tensors for a constant coefficient table (0 = the base, 0.3 = task arithmetic at 0.3, ...)."""
-    lam = torch.as_tensor(value, dtype=torch.float32).expand(merged.num_experts, len(merged.group_names))
-    with torch.no_grad():
-        return merged.merged_tensors(lam.to(merged.coefficients.raw.device))
+    def check(self, data) -> None:
+        for task, dataset in data.eval.items():
+            if data.label_column not in dataset.column_names:
+                raise DataError(
+                    f"task {task!r}: evaluation split {data.eval_split!r} has no label column "
+                    f"{data.label_column!r} (columns: {dataset.column_names}); set data.label_column, or "
+                    "evaluator=causal_lm for language-model experts"
+                )
 
-
-def reference_rows(
-    merged: MergedModel, loaders: Mapping[str, DataLoader], task_arithmetic: float = 0.3
-) -> dict[str, dict[str, float]]:
-    """The floor, each expert on its own task, and task arithmetic at a fixed lambda."""
-    rows = {FLOOR: evaluate(merged, constant_params(merged, 0.0), loaders)}
-    expert_row = {}
-    for k, task in enumerate(merged.experts):
-        if task not in loaders:
-            continue
-        one_hot = torch.zeros(merged.num_experts, 1)
-        one_hot[k] = 1.0
-        expert_row[task] = evaluate(merged, constant_params(merged, one_hot), {task: loaders[task]})[task]
-    rows[EXPERT] = expert_row
-    rows[f"task arithmetic (lam={task_arithmetic:g})"] = evaluate(
-        merged, constant_params(merged, task_arithmetic), loaders
-    )
-    return rows
-
-
-def summarize(rows: Mapping[str, Mapping[str, float]]) -> list[dict]:
-    """Rows with per-task accuracy, their average and the average normalized accuracy (acc / expert acc)."""
-    experts = rows.get(EXPERT, {})
-    table = []
-    for method, accs in rows.items():
-        row = {"method": method, **{t: accs[t] for t in accs}, "avg": sum(accs.values()) / max(len(accs), 1)}
-        normalized = [accs[t] / experts[t] for t in accs if experts.get(t)]
-        row["avg_normalized"] = sum(normalized) / len(normalized) if normalized else float("nan")
-        table.append(row)
-    return table
-
-
-def to_markdown(table: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for row in table for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        cells = [row.get(c, "") for c in columns]
-        lines.append("| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(table: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for row in table for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(table)
-    return buffer.getvalue()
-
-
-def write_results(table: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    return write_text(out_dir / "results.csv", to_csv(table)), write_text(out_dir / "results.md", to_markdown(table))
+    def score(self, model: MergedModelBase, params: Any, data, task: str) -> dict[str, float]:
+        return {"accuracy": accuracy(model, params, data.eval_dataloaders()[task], task)}

@@ -68,9 +68,11 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from adamerge.core.factory import merged_model
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.doge_solvers import FORMS, SOLVERS, check_choice, doge_objective, solve_batched, solve_dtype
 from adamerge.methods.kernels import task_arithmetic, trim
+from adamerge.methods.registry import MergeResult, Needs, Run, register
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +270,9 @@ def doge_merge(
     Returns:
         ``{name: merged tensor}`` in each base tensor's dtype.
     """
-    _check_top_k(top_k, "method.merge")
+    _check_top_k(top_k, "method")
     deltas, lams = solve_pool(
-        pool, eta, rank_ratio, form, solver, steps, lr, coefficients, project_update, max_group, key="method.merge"
+        pool, eta, rank_ratio, form, solver, steps, lr, coefficients, project_update, max_group, key="method"
     )
     base = pool.base_tensors()
     merged = {}
@@ -344,3 +346,44 @@ def _check_args(key, eta, rank_ratio, form, solver, steps, lr, coefficients, max
         )
     if max_group is not None and (isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1):
         raise ValueError(f"max_group must be an int >= 1 or null, got {max_group!r} (config key: {key}.max_group)")
+
+
+@dataclasses.dataclass
+class Doge:
+    """DOGE's options, as :func:`doge_merge` documents them (config keys ``method.<option>``)."""
+
+    name: str
+    eta: float = 0.07
+    rank_ratio: float = 0.1
+    form: str = "row"
+    solver: str = "adam"
+    steps: int = 400
+    lr: float = 1e-4
+    top_k: float | None = None
+    coefficients: float | None = None
+    project_update: bool = True
+    max_group: int | None = None
+
+    calibration_steps = 0
+
+    def __post_init__(self) -> None:
+        _check_top_k(self.top_k, "method")
+        o = self
+        _check_args("method", o.eta, o.rank_ratio, o.form, o.solver, o.steps, o.lr, o.coefficients, o.max_group)
+
+    def options(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+    def merge(self, run: Run) -> MergeResult:
+        params = doge_merge(run.pool, **self.options())
+        record = {"method": self.name, "options": self.options()}
+        return MergeResult(merged_model(run.pool, granularity="task"), params, record)
+
+
+register(
+    "doge",
+    kind="static",
+    description="DOGE: data-free; task-aware lam = eta / norm(tau) and a shared delta by projective gradient descent",
+    paper="https://arxiv.org/abs/2501.01230",
+    needs=Needs(dense=True),
+)(Doge)

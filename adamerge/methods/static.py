@@ -7,8 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from adamerge.core.factory import merged_model
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.kernels import get_merge, get_transform
+from adamerge.methods.registry import ConfigError, MergeResult, Needs, Run, register
 
 
 def static_merge(pool: ExpertPool, method: str, seed: int = 0, **kwargs) -> dict[str, Tensor]:
@@ -33,3 +35,82 @@ def with_generator(method: str, seed: int, kwargs: dict) -> dict:
     if method.startswith("dare"):
         return {**kwargs, "generator": torch.Generator().manual_seed(seed)}
     return kwargs
+
+
+# --------------------------------------------------------------------------------------------------- methods
+
+# Which options each member of the family reads; anything else set in its config is a mistake.
+FAMILY_OPTIONS = {
+    "average": (),
+    "task_arithmetic": ("weights",),
+    "ties": ("weights", "density"),
+    "dare": ("weights", "drop_rate", "seed"),
+}
+
+
+@dataclasses.dataclass
+class TaskArithmeticFamily:
+    """Training-free merges over the task vectors, one kernel per name (``adamerge.methods.kernels``).
+
+    Attributes:
+        weights: lam, one scaling for all experts (task arithmetic, TIES, DARE).
+        density: fraction of each task vector TIES keeps, in (0, 1].
+        drop_rate: fraction DARE drops, in [0, 1).
+        seed: DARE's random masks.
+    """
+
+    name: str
+    weights: float | None = None
+    density: float | None = None
+    drop_rate: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        allowed = FAMILY_OPTIONS[self.name]
+        for key in ("weights", "density", "drop_rate", "seed"):
+            value = getattr(self, key)
+            if value is None and key in allowed and key != "seed":
+                raise ConfigError(f"method.{key} must be set for {self.name!r} (conf/method/{self.name}.yaml)")
+            if value is not None and key not in allowed:
+                raise ConfigError(f"method.{key} does not apply to {self.name!r}; it reads only {list(allowed)}")
+
+    calibration_steps = 0
+
+    def kernel_options(self) -> dict:
+        return {k: getattr(self, k) for k in FAMILY_OPTIONS[self.name] if getattr(self, k) is not None}
+
+    def merge(self, run: Run) -> MergeResult:
+        options = self.kernel_options()
+        params = static_merge(run.pool, self.name, **options)
+        record = {"method": self.name, "options": options}
+        return MergeResult(merged_model(run.pool, granularity="task"), params, record)
+
+
+register(
+    "average",
+    kind="static",
+    description="Weight averaging: theta_0 + mean_k tau_k",
+    paper="https://arxiv.org/abs/2203.05482",
+    needs=Needs(dense=True),
+)(TaskArithmeticFamily)
+register(
+    "task_arithmetic",
+    kind="static",
+    description="Task arithmetic: theta_0 + lam * sum_k tau_k",
+    paper="https://arxiv.org/abs/2212.04089",
+    needs=Needs(dense=True),
+)(TaskArithmeticFamily)
+register(
+    "ties",
+    kind="static",
+    description="TIES: trim each task vector to its top entries, elect signs, disjoint mean",
+    paper="https://arxiv.org/abs/2306.01708",
+    needs=Needs(dense=True),
+)(TaskArithmeticFamily)
+register(
+    "dare",
+    kind="static",
+    description="DARE: drop a fraction of each task vector, rescale the rest, then task arithmetic",
+    paper="https://arxiv.org/abs/2311.03099",
+    needs=Needs(dense=True),
+)(TaskArithmeticFamily)

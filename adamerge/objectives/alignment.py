@@ -58,7 +58,7 @@ class ExpertAlignment:
         cache_dir: a folder to keep the cache on disk (read lazily); ``None`` keeps it in memory.
         batch_size: samples per teacher forward when building the cache.
         generate: causal LMs given prompts only: each expert appends its greedy response of up to this many tokens
-            to its prompts (``adamerge.evaluation.causal_lm.with_expert_responses``) and the alignment covers the responses.
+            to its prompts (``adamerge.objectives.generation.with_expert_responses``) and the alignment covers the responses.
             Sets with a ``response_mask`` column are left as they are. ``None``: align on the samples as given.
     """
 
@@ -115,7 +115,7 @@ class ExpertAlignment:
             pad_id = datamodule.pad_id if pad_id is None else pad_id
         pad_id = 0 if pad_id is None else pad_id
         if self.generate:
-            from adamerge.evaluation.causal_lm import with_expert_responses
+            from adamerge.objectives.generation import with_expert_responses
 
             prompts = {t: d for t, d in datasets.items() if "response_mask" not in d.column_names}
             datasets = dict(datasets) | with_expert_responses(merged, prompts, self.generate, pad_id)
