@@ -195,14 +195,14 @@ def test_fp16_expert_beside_fp32_base_runs_a_forward(tmp_path, base_model, exper
     pool = load_pool(
         str(tmp_path / "base"), {"full": str(tmp_path / "full"), "half": str(tmp_path / "half")}, MODEL_CLASS
     )
-    assert pool.task_vectors[QUERY].dtype == torch.float32  # experts.dtype
-    assert {t.dtype for h in pool.heads.values() for t in h.values()} == {torch.float32}  # the base's dtype
-    expected = expert_states["task1"][QUERY].half().float() - base_model.get_parameter(QUERY)
-    torch.testing.assert_close(pool.task_vectors[QUERY][1], expected, rtol=0, atol=0)  # formed in float32
     merged = MergedModel(pool, granularity="task", init=0.3)
     with torch.no_grad():
         logits = merged(**batch, task="half").logits
     assert logits.dtype == torch.float32 and logits.isfinite().all()
+    assert pool.task_vectors[QUERY].dtype == torch.float32  # experts.dtype
+    assert {t.dtype for h in pool.heads.values() for t in h.values()} == {torch.float32}  # the base's dtype
+    expected = expert_states["task1"][QUERY].half().float() - base_model.get_parameter(QUERY)
+    torch.testing.assert_close(pool.task_vectors[QUERY][1], expected, rtol=0, atol=0)  # formed in float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
