@@ -15,6 +15,9 @@ from adamerge.artifacts.plots import (
     column_labels,
     describe_run,
     log_images,
+    method_kind,
+    primary_metric,
+    read_coefficients,
     read_results,
     read_training_metrics,
     result_tasks,
@@ -322,3 +325,15 @@ def test_describe_run_says_why_items_are_absent(tmp_path):
     (learned / "csv" / "version_0").mkdir(parents=True)
     (learned / "csv" / "version_0" / "metrics.csv").write_text("results/x/avg,step\n0.5,3\n")
     assert describe_run(learned)["training"].startswith("absent: the csv logger files hold no training rows (3 steps")
+
+
+def test_static_record_and_metric_line_are_read_from_the_files(tmp_path):
+    (tmp_path / "coefficients.json").write_text('{"method": "dare", "options": {"drop": 0.9}}')
+    (tmp_path / "results.md").write_text(
+        "Task columns: loss (lower is better); avg_normalized: see ...\n\n| method |\n"
+    )
+    assert read_coefficients(tmp_path) is None
+    assert method_kind(tmp_path) == ("dare", "static")
+    assert primary_metric(tmp_path) == ("loss", False)
+    assert describe_run(tmp_path)["coefficients"].startswith("absent: dare is a static merge")
+    assert primary_metric(tmp_path / "old") == ("accuracy", True)  # runs written before the metric line

@@ -503,9 +503,11 @@ def read_results(run_dir: str | Path) -> list[dict] | None:
 
 
 def read_coefficients(run_dir: str | Path) -> dict | None:
-    """The run's ``coefficients.json`` record, or None (a static merge, or a run that stopped before writing it)."""
+    """The run's learned coefficient record (``coefficients.json`` with a ``coefficients`` table), or None: a static
+    merge (its ``coefficients.json`` records only the method's options), or a run that stopped before writing it."""
     path = Path(run_dir) / "coefficients.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if isinstance(record, dict) and record.get("coefficients") else None
 
 
 def _add(series: Series, key: str, step: int, value) -> None:
@@ -627,38 +629,73 @@ def _run_config(run_dir: Path) -> dict:
         return {}
 
 
+def method_kind(run_dir: str | Path) -> tuple[str, str | None]:
+    """The run's method name and kind (``"learned"`` / ``"static"``, None if unknown).
+
+    From ``coefficients.json`` when the run wrote one (a learned merge records its coefficient table, a static one
+    only its options), else from the config: the ``learned`` key of older configs, or the method registry.
+    """
+    run_dir = Path(run_dir)
+    method = _run_config(run_dir).get("method") or {}
+    path = run_dir / "coefficients.json"
+    record = json.loads(path.read_text()) if path.is_file() else None
+    name = method.get("name") or (record or {}).get("method") or "the method"
+    if isinstance(record, dict):
+        return name, "learned" if record.get("coefficients") else "static"
+    if isinstance(method.get("learned"), bool):
+        return name, "learned" if method["learned"] else "static"
+    if method.get("name"):
+        try:  # imports the methods (torch): only for runs that stopped before writing coefficients.json
+            from adamerge.methods.registry import get_spec
+
+            return name, get_spec(name).kind
+        except Exception:  # a method this install does not know
+            pass
+    return name, None
+
+
+def primary_metric(run_dir: str | Path) -> tuple[str, bool]:
+    """The run's primary metric and whether higher is better, from the first line of ``results.md`` (``Task
+    columns: <metric> (<higher|lower> is better)``); ``("accuracy", True)`` for runs written before that line."""
+    path = Path(run_dir) / "results.md"
+    first = path.read_text().split("\n", 1)[0] if path.is_file() else ""
+    match = re.match(r"Task columns: (.+?) \((higher|lower) is better\)", first)
+    return (match.group(1), match.group(2) == "higher") if match else ("accuracy", True)
+
+
 def describe_run(run_dir: str | Path) -> dict[str, str]:
     """What a run dir holds, for a reader: ``{"results" | "coefficients" | "training": sentence}``, each sentence
     saying where the item is, or why it is absent (a static method, no local logger, too few logged steps...)."""
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
     method = config.get("method") or {}
-    name = method.get("name", "the method")
-    learned = method.get("learned")
+    name, kind = method_kind(run_dir)
     loggers = sorted((config.get("logger") or {}).keys())
     out = {}
 
     if (run_dir / "results.csv").is_file():
+        metric, higher = primary_metric(run_dir)
         out["results"] = (
-            "results.csv: the primary metric per task of the floor, the experts, task arithmetic and the method"
+            f"results.csv: {metric} per task ({'higher' if higher else 'lower'} is better) of the floor, the experts, "
+            "task arithmetic and the method"
         )
     elif config.get("evaluate") is False:
         out["results"] = "absent: the run was configured with evaluate=false"
     else:
         out["results"] = "absent: no results.csv (the run stopped before evaluating, or this is not a run dir)"
 
-    if (run_dir / "coefficients.json").is_file():
+    if read_coefficients(run_dir) is not None:
         out["coefficients"] = "coefficients.json: the learned lambdas (expert -> group -> value)"
-    elif learned is False:
-        out["coefficients"] = f"absent: {name} is a static merge (a fixed formula), it learns no coefficients"
+    elif kind == "static":
+        out["coefficients"] = f"absent: {name} is a static merge (a fixed formula), it learns no coefficient table"
     else:
-        out["coefficients"] = "absent: no coefficients.json (the run stopped before training ended, or is static)"
+        out["coefficients"] = "absent: no coefficients.json (the run stopped before training ended)"
 
     found = read_training_metrics(run_dir)
     if found:
         out["training"] = f"training curves from the {found[1]}"
-    elif learned is False:
-        out["training"] = f"absent: {name} is a static merge, there is no training"
+    elif kind == "static":
+        out["training"] = f"absent: {name} is a static merge, no coefficients were trained"
     else:
         present = [logger for logger, (pattern, _) in LOGGER_FILES.items() if any(run_dir.glob(pattern))]
         if present:
