@@ -1,35 +1,66 @@
 """Calibration and evaluation data: one stream per task, preprocessed once, a batch of every task at each step.
 
 The training stream is indexed by the global step: step ``i`` always sees the same batches (a seeded permutation
-per task and pass), so a run resumed from a checkpoint continues exactly where it stopped. Labels are stripped from
-the training batches: the objective never sees them; they serve evaluation only.
+per task and pass over the data). It is an endless iterable that starts at the trainer's global step, which every
+checkpoint holds, so a resumed run reads exactly the batches an uninterrupted run would: no epoch ever ends (a
+map-style dataset ended the resumed epoch early, Lightning restarted it at its first item, and the stream replayed
+old steps). Labels are stripped from the training batches: the objective never sees them; they serve evaluation only.
+
+Several processes (``trainer=ddp``): every rank reads the same step and keeps its own contiguous share of each task
+batch, so the ranks' per-task mean losses average to the one-process loss (see ``conf/trainer/ddp.yaml``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adamerge.engine.datasets import MODEL_INPUTS, DataError, collate, featurize, load_split
 
 log = logging.getLogger(__name__)
 
 
-class StepBatches(Dataset):
-    """Item ``i`` = the batches of every task for training step ``i`` (without labels)."""
+class StepBatches(IterableDataset):
+    """The batches of every task for steps ``start``, ``start + 1``, ... (without labels).
 
-    def __init__(self, tasks: Mapping, batch_size: int, num_steps: int, seed: int, pad_id: int = 0, start: int = 0):
+    Args:
+        tasks: task name -> featurized calibration dataset.
+        batch_size: rows per task per step, over all ranks.
+        num_steps: where the stream stops (``None``: endless, what the trainer needs: a stream that ends ends the
+            epoch, and Lightning would start the next one at ``start`` again).
+        seed: orders each pass over each task's data.
+        pad_id: the tokenizer's padding id.
+        start: the first step (a resumed run's global step).
+        rank / world_size: this process's share of every task batch: rows
+            ``[rank * b, (rank + 1) * b)`` with ``b = batch_size // world_size``.
+    """
+
+    def __init__(
+        self,
+        tasks: Mapping,
+        batch_size: int,
+        num_steps: int | None = None,
+        seed: int = 0,
+        pad_id: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            raise DataError(
+                f"data.batch_size={batch_size} does not split evenly over {world_size} processes; make it a multiple "
+                f"of trainer.devices x trainer.num_nodes ({world_size}), so that every rank's mean counts as much"
+            )
         self.tasks, self.batch_size, self.num_steps = tasks, batch_size, num_steps
         self.seed, self.pad_id, self.start = seed, pad_id, start
+        self.rank, self.world_size = rank, world_size
         self.keys = {t: [c for c in ds.column_names if c in MODEL_INPUTS] for t, ds in tasks.items()}
-
-    def __len__(self) -> int:
-        return max(self.num_steps - self.start, 0)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of permutations per run
     def permutation(self, task_index: int, epoch: int) -> torch.Tensor:
@@ -38,16 +69,23 @@ class StepBatches(Dataset):
             n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + task_index * 7919 + epoch)
         )
 
-    def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
-        step = self.start + i
+    def batch(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """This rank's share of step ``step``'s batch of every task; ``_index`` holds the calibration rows."""
+        share = self.batch_size // self.world_size
+        first = step * self.batch_size + self.rank * share
         out = {}
         for t_idx, (task, ds) in enumerate(self.tasks.items()):
             n = len(ds)
-            positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-            idx = [int(self.permutation(t_idx, p // n)[p % n]) for p in positions]
+            idx = [int(self.permutation(t_idx, p // n)[p % n]) for p in range(first, first + share)]
             out[task] = collate([ds[j] for j in idx], self.keys[task], self.pad_id)
             out[task]["_index"] = torch.tensor(idx)
         return out
+
+    def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        worker = get_worker_info()  # DataLoader workers take every n-th step; the loader interleaves them in order
+        first, stride = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
+        steps = itertools.count(first, stride) if self.num_steps is None else range(first, self.num_steps, stride)
+        return (self.batch(step) for step in steps)
 
 
 class MergeDataModule(L.LightningDataModule):
@@ -59,7 +97,7 @@ class MergeDataModule(L.LightningDataModule):
         tokenizer / processor: a name/path (loaded with ``AutoTokenizer``/``AutoProcessor``) or an object.
         calib_split / eval_split: split names for training (unlabeled) and evaluation (labeled).
         batch_size: calibration samples per task per step (AdaMerging: 16).
-        num_steps: training steps; the stream is indexed by step so resuming is exact.
+        num_steps: training steps (the trainer's ``max_steps``); the stream itself is endless and indexed by step.
         max_calib / max_eval: optional caps on the number of examples per task.
     """
 
@@ -113,13 +151,8 @@ class MergeDataModule(L.LightningDataModule):
             if len(calib) == 0:
                 raise DataError(f"task {task!r}: the calibration split {self.calib_split!r} is empty")
             self.calib[task] = calib.remove_columns([c for c in calib.column_names if c == self.label_column])
-            evaluation = load_split(source, self.eval_split, task)
-            if self.label_column not in evaluation.column_names:
-                raise DataError(
-                    f"task {task!r}: evaluation split {self.eval_split!r} has no label column "
-                    f"{self.label_column!r} (columns: {evaluation.column_names}); set data.label_column"
-                )
-            self.eval[task] = self._prepare(evaluation, task, self.max_eval)
+            # What the evaluation split must hold (labels, response masks) is the evaluator's check.
+            self.eval[task] = self._prepare(load_split(source, self.eval_split, task), task, self.max_eval)
         log.info("data: %s", {t: (len(self.calib[t]), len(self.eval[t])) for t in self.calib})
 
     def _prepare(self, dataset, task: str, cap: int | None):
@@ -130,10 +163,12 @@ class MergeDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # Resume: the trainer restored global_step before asking for data, so start the stream there.
-        start = self.trainer.global_step if self.trainer is not None else self.start_step
-        batches = StepBatches(self.calib, self.batch_size, self.num_steps, self.seed, self.pad_id, start)
-        return DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        # Resume: the trainer restored global_step before asking for data, so the stream starts there.
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else self.start_step
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = StepBatches(self.calib, self.batch_size, None, self.seed, self.pad_id, start, rank, world)
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers)
 
     def eval_dataloaders(self) -> dict[str, DataLoader]:
         """Labeled batches per task: model inputs plus ``labels``."""

@@ -3,6 +3,13 @@
 ``training_step`` = objective(model(batch)) per task, summed over tasks; the backward goes through
 ``two_stage_backward`` (see ``adamerge.core.merged``), so the optimisation is manual: one optimizer step per step.
 Checkpoints hold the coefficients and the optimizer state only (kilobytes), never the base or the task vectors.
+
+Several processes (``trainer=ddp``): each rank runs its share of every task batch (``adamerge.engine.data``) and
+Lightning's DDP wrapper averages ``coefficients.raw.grad`` when ``two_stage_backward`` ends in ``lam.backward``
+(its hook fires on that leaf), so the step equals the one-process step up to float rounding. Objectives that are
+per-task means over the rows average exactly over equal shares; a mean over non-padding tokens (the entropy of a
+causal LM) does not: it weighs each rank's tokens by ``1 / (world * tokens on that rank)`` instead of
+``1 / tokens in the batch``, equal only when the shares hold as many non-padding tokens each.
 """
 
 from __future__ import annotations
@@ -12,11 +19,12 @@ from collections.abc import Callable, Iterator, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from adamerge.core.coefficients import check_finite
-from adamerge.core.merged import MergedModel, two_stage_backward
+from adamerge.core.merged_base import MergedModelBase, two_stage_backward
 from adamerge.engine.concat import concatenable, forward_concatenated
 from adamerge.engine.datasets import model_inputs
 
@@ -48,7 +56,7 @@ class MergeModule(L.LightningModule):
 
     def __init__(
         self,
-        merged: MergedModel,
+        merged: MergedModelBase,
         objective: Callable,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
@@ -71,6 +79,22 @@ class MergeModule(L.LightningModule):
         self.step_times: dict[str, list[float]] = {"split": [], "concat": []}  # backward=auto's trials
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the coefficients only
+
+    def setup(self, stage: str) -> None:
+        """Refuse the strategies that would not train correctly; keep DDP's hands off the frozen tensors."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"trainer.strategy={type(strategy).__name__} is not supported: adamerge's base and task vectors are "
+                "frozen buffers merged functionally, so a sharding strategy (FSDP, DeepSpeed) would shard nothing "
+                "and keep every weight on every device; use trainer=ddp (each process holds the whole model; see "
+                "conf/trainer/ddp.yaml for what sharding would need) or a single device"
+            )
+        # DDP would broadcast every buffer at wrap time and before each forward (the base and K task vectors): only
+        # the coefficients need syncing, and every rank builds the same frozen tensors.
+        self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if not p.requires_grad] + [
+            n for n, _ in self.named_buffers()
+        ]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([self.merged.coefficients.raw])
@@ -153,8 +177,10 @@ class MergeModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Mapping[str, Tensor]], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        losses = self.timed_backward(batch, self.choose_mode(batch))
-        loss = torch.stack(losses).sum()
+        # The ranks' mean losses (DDP: each rank's share of the batch): one collective, and every rank raises alike.
+        losses = torch.stack(self.timed_backward(batch, self.choose_mode(batch)))
+        losses = self.trainer.strategy.reduce(losses, reduce_op="mean")
+        loss = losses.sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step}; stopped before the update, the last good "
