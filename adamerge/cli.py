@@ -87,10 +87,18 @@ def main() -> None:
 
     @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
     def _main(cfg) -> float | None:
+        from hydra.errors import InstantiationException
+
         from adamerge.pipeline import run
 
-        # Sweepers (Optuna) minimise what the task returns: the merge's calibration objective.
-        return run(cfg)["calibration_loss"]
+        try:
+            # Sweepers (Optuna) minimise what the task returns: the merge's calibration objective.
+            return run(cfg)["calibration_loss"]
+        except InstantiationException as err:
+            # Bad experts or data (PoolError, DataError, AdapterError) name the key to fix: show that, not Hydra's wrap.
+            if isinstance(err.__cause__, ValueError):
+                raise SystemExit(f"error: {err.__cause__}") from err
+            raise
 
     _main()
 

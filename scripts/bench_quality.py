@@ -1,4 +1,5 @@
-"""Quality of every merging method on real MiniLM text experts, in one table (markdown to stdout and --out, + JSON).
+"""Quality of every registered merging method on real MiniLM text experts, in one table (markdown to stdout and
+--out, + JSON).
 
     python scripts/bench_quality.py                                   # 4 tasks, 3 seeds for the learned methods
     python scripts/bench_quality.py --multitask --seeds 0,1,2 --out bench_quality.md
@@ -6,15 +7,17 @@
 
 The pool (experts built or reused from the cache) is loaded once and shared by all methods. Rows: the floor (base
 backbone read through the probe heads: no merging), each expert on its own task (the ceiling of normalized
-accuracy = acc / expert acc), the multi-task model (--multitask), weight averaging, task arithmetic (lambda chosen on
-the calibration split's labels, and at 0.3), every other static method of conf/method, and the learned methods
-(mean over seeds; the spread is the standard deviation of the average normalized accuracy over seeds). Each method
-is configured by its conf/method/<name>.yaml composed over ``experiment=minilm_text``, as ``adamerge`` would run it.
+accuracy = acc / expert acc), the multi-task model (--multitask), task arithmetic with lambda chosen on the
+calibration split's labels, and every method of the registry (``adamerge methods``), in its order (learned methods:
+mean over seeds; the spread is the standard deviation of the average normalized accuracy over seeds). Each method is
+configured by its conf/method/<name>.yaml composed over ``experiment=minilm_text`` (so with that experiment's
+conf/tuning/minilm_text/<name>.yaml) and runs through ``method.merge``, exactly as ``adamerge`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -22,18 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run order: the cheap static merges, the learned methods, then DOGE (its data-free solve is the slowest merge).
-ORDER = [
-    "average",
-    "ties",
-    "dare",
-    "adamerging_task",
-    "adamerging",
-    "adamerging_pp",
-    "expert_merging",
-    "doge",
-    "doge_adamerging",
-]
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
 log = logging.getLogger("bench_quality")
@@ -63,19 +54,16 @@ def compose_cfg(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def method_exists(name: str) -> bool:
-    from adamerge.cli import config_dir
-
-    return (Path(config_dir()) / "method" / f"{name}.yaml").exists()
-
-
-def task_arithmetic_grid(merged, calib_loaders, grid=TA_GRID) -> tuple[float, dict]:
+def task_arithmetic_grid(merged, evaluator, calib, grid=TA_GRID) -> tuple[float, dict]:
     """The lambda of task arithmetic with the best mean accuracy on the labelled calibration split."""
-    from adamerge.evaluation.classification import constant_params, evaluate
-
-    scores = {lam: evaluate(merged, constant_params(merged, lam), calib_loaders) for lam in grid}
+    scores = {lam: accuracies(evaluator.evaluate(merged, merged.constant_params(lam), calib)) for lam in grid}
     means = {lam: statistics.mean(accs.values()) for lam, accs in scores.items()}
     return max(means, key=means.get), means
+
+
+def accuracies(scores: dict) -> dict[str, float]:
+    """{task: {metric: value}} -> {task: accuracy}."""
+    return {task: metrics["accuracy"] for task, metrics in scores.items()}
 
 
 def multitask_params(folder: Path, names) -> dict:
@@ -88,8 +76,10 @@ def multitask_params(folder: Path, names) -> dict:
 def run_bench(args) -> dict:
     from hydra.utils import instantiate
 
-    from adamerge.core.merged import MergedModel
-    from adamerge.evaluation.classification import EXPERT, FLOOR, constant_params, evaluate, reference_rows
+    from adamerge.core.factory import merged_model
+    from adamerge.evaluation.classification import Classification
+    from adamerge.evaluation.protocol import EXPERT, FLOOR, reference_rows
+    from adamerge.methods.registry import methods
     from adamerge.pipeline import check_tasks
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
@@ -98,16 +88,11 @@ def run_bench(args) -> dict:
         base.append(f"experts.tasks=[{args.tasks}]")
     if args.max_eval:
         base.append(f"data.max_eval={args.max_eval}")
-    # method.* overrides may name keys of one method only (method.merge.eta): they join each method's own compose
+    # method.* overrides may name keys of one method only (method.eta): they join each method's own compose
     cfg = compose_cfg(base + [o for o in args.overrides if not o.lstrip("+~").startswith("method.")])
     base += args.overrides
     wanted = set(args.methods.split(",")) if args.methods else None
-
-    def selected(name: str) -> bool:
-        return (wanted is None or name in wanted) and method_exists(name)
-
     results: dict[str, dict] = {}
-
     partial = Path(args.out).with_suffix(".partial.json")
 
     def record(name, accs_per_seed, seeds, steps, wall, **extra):
@@ -118,17 +103,16 @@ def run_bench(args) -> dict:
     pool = instantiate(cfg.experts)
     pool_s = time.perf_counter() - start
     tasks = list(pool.experts)
-    datamodule = instantiate(cfg.data, num_steps=0)
-    check_tasks(pool.experts, datamodule.task_names)
-    datamodule.setup("fit")
-    loaders = datamodule.eval_dataloaders()
+    data = instantiate(cfg.data, num_steps=0)
+    check_tasks(pool.experts, data.task_names)
+    data.setup("fit")
     calib = instantiate(cfg.data, num_steps=0, eval_split="calib")
     calib.setup("fit")
-    calib_loaders = calib.eval_dataloaders()
+    evaluator = Classification()
 
-    merged = MergedModel(pool, granularity="task")
+    merged = merged_model(pool, granularity="task")
     t = time.perf_counter()
-    refs = reference_rows(merged, loaders, 0.3)
+    refs = {row: accuracies(scores) for row, scores in reference_rows(merged, evaluator, data, 0.3).items()}
     ref_s = time.perf_counter() - t
     record(FLOOR, [refs[FLOOR]], [], 0, 0.0)
     record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, pool_s, note="wall = building/loading the pool")
@@ -140,65 +124,66 @@ def run_bench(args) -> dict:
         folder = build_multitask(tasks, Recipe(**cfg.experts.recipe), cfg.experts.base, cfg.experts.cache_dir)
         wall = time.perf_counter() - t
         params = multitask_params(folder, merged.names)
-        record("multi-task model", [evaluate(merged, params, loaders)], [], cfg.experts.recipe.steps, wall)
+        record(
+            "multi-task model",
+            [accuracies(evaluator.evaluate(merged, params, data))],
+            [],
+            cfg.experts.recipe.steps,
+            wall,
+        )
 
-    if selected("task_arithmetic"):
+    if wanted is None or "task_arithmetic" in wanted:
         t = time.perf_counter()
-        best, grid = task_arithmetic_grid(merged, calib_loaders)
+        best, grid = task_arithmetic_grid(merged, evaluator, calib)
         wall = time.perf_counter() - t
-        accs = evaluate(merged, constant_params(merged, best), loaders)
+        accs = accuracies(evaluator.evaluate(merged, merged.constant_params(best), data))
         record(f"task arithmetic (lam={best:g}, grid on calib labels)", [accs], [], 0, wall, grid=grid)
-        record("task arithmetic (lam=0.3)", [refs["task arithmetic (lam=0.3)"]], [], 0, 0.0)
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    for name in ORDER:
-        if not selected(name):
-            continue
-        mcfg = compose_cfg(base + [f"method={name}"])
-        if mcfg.method.learned:
-            learn_method(name, seeds, args, base, work, pool, loaders, record)
-            continue
-        t = time.perf_counter()
-        params = instantiate(mcfg.method.merge)(pool)
-        wall = time.perf_counter() - t
-        record(name, [evaluate(merged, params, loaders)], [mcfg.seed], 0, wall)
+    for spec in methods():
+        if wanted is None or spec.name in wanted:
+            run_method(spec, seeds if spec.kind == "learned" else [None], args, base, work, pool, evaluator, record)
     return {"tasks": tasks, "results": results, "reference_s": ref_s, "config": str(cfg.experts.recipe)}
 
 
-def learn_method(name, seeds, args, base, work, pool, loaders, record) -> None:
-    """One learned method over seeds (the seed orders the calibration stream); the pool is shared."""
+def run_method(spec, seeds, args, base, work, pool, evaluator, record) -> None:
+    """One registered method through ``method.merge``, over seeds for learned methods (the seed orders the
+    calibration stream); the pool is shared. A first pass over the task vectors (AdaMerging++'s TIES, DOGE's delta)
+    does not depend on the seed: it runs once and the seeds learn over its result."""
     import torch
     from hydra.utils import instantiate
 
-    from adamerge.engine.train import learn
-    from adamerge.evaluation.classification import evaluate
-    from adamerge.pipeline import build_merged
+    from adamerge.methods.registry import Run, build_method
 
-    accs, walls, coefs, steps, transformed = [], [], [], 0, None
+    accs, walls, coefs, steps, learned_pool = [], [], [], 0, None
     for seed in seeds:
-        over = base + [f"method={name}", f"seed={seed}", f"paths.output_dir={work / name / str(seed)}"]
-        if args.steps is not None:
+        over = base + [f"method={spec.name}", f"paths.output_dir={work / spec.name / str(seed)}"]
+        over += [f"seed={seed}"] if seed is not None else []
+        if args.steps is not None and spec.kind == "learned":
             over.append(f"method.steps={args.steps}")
         mcfg = compose_cfg(over)
-        steps = mcfg.method.steps
+        method = build_method(mcfg.method)
+        steps = method.calibration_steps
+        data = instantiate(mcfg.data, num_steps=steps)
+        data.setup("fit")
         t = time.perf_counter()
-        if transformed is None:  # the transforms here (TIES, DOGE) do not depend on the seed
-            transformed = instantiate(mcfg.method.transform)(pool) if mcfg.method.get("transform") else pool
-        torch.manual_seed(seed)
-        learned = build_merged(mcfg.method, transformed)
-        learn(mcfg, learned, instantiate(mcfg.data, num_steps=steps))
+        if getattr(method, "transform", None) is not None:
+            learned_pool = learned_pool or method.pool_for_learning(Run(mcfg, pool, None))
+            method = dataclasses.replace(method, transform=None)
+        torch.manual_seed(mcfg.seed)
+        result = method.merge(Run(mcfg, learned_pool or pool, data))
         walls.append(time.perf_counter() - t)
-        with torch.no_grad():
-            params = learned.merged_tensors()
-        accs.append(evaluate(learned, params, loaders))
-        coefs.append(learned.coefficient_table())
-        log.info("%s seed %d: %s (%.0f s)", name, seed, accs[-1], walls[-1])
-    record(name, accs, seeds, steps, statistics.mean(walls), lr=mcfg.method.optimizer.lr, coefficients=coefs)
+        accs.append(accuracies(evaluator.evaluate(result.model, result.params, data)))
+        coefs.append(result.coefficients)
+        log.info("%s seed %s: %s (%.0f s)", spec.name, seed, accs[-1], walls[-1])
+    lr = method.optimizer["lr"] if spec.kind == "learned" else None
+    used = [mcfg.seed] if seeds == [None] else seeds
+    record(spec.name, accs, used, steps, statistics.mean(walls), lr=lr, coefficients=coefs)
 
 
 def table(bench: dict) -> list[dict]:
     """One row per method: per-task 'acc / normalized', averages, spread over seeds, seeds, steps, wall time."""
-    from adamerge.evaluation.classification import EXPERT
+    from adamerge.evaluation.protocol import EXPERT
 
     tasks, results = bench["tasks"], bench["results"]
     expert = results[EXPERT]["accs"][0]

@@ -20,7 +20,6 @@ from adamerge.core.merged import MergedModel
 from adamerge.core.merged_base import two_stage_backward
 from adamerge.core.pool import make_pool
 from adamerge.engine.module import MergeModule
-from adamerge.evaluation.classification import constant_params
 from adamerge.objectives.entropy import entropy_objective
 from tests.conftest import tiny_bert_config
 
@@ -90,8 +89,8 @@ def test_composition_equals_dense_merge(granularity, base_model, adapters, batch
         # constant tables, as evaluate's reference rows use them
         for value in (0.0, 0.3):
             torch.testing.assert_close(
-                logits(lora, batch, task="task0", params=constant_params(lora, value)),
-                logits(dense, batch, task="task0", params=constant_params(dense, value)),
+                logits(lora, batch, task="task0", params=lora.constant_params(value)),
+                logits(dense, batch, task="task0", params=dense.constant_params(value)),
                 atol=1e-5,
                 rtol=0,
             )

@@ -171,6 +171,7 @@ def clip_zero_shot_pool(
     head_patterns: Iterable[str] = ("head.*",),
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    check_finite: bool = True,
 ) -> ExpertPool:
     """A pool of CLIP vision experts over ``ZeroShotImageClassifier``, with one zero-shot head per expert.
 
@@ -183,7 +184,7 @@ def clip_zero_shot_pool(
         classnames: task -> class names, used instead of the dataset's (for label columns without names).
         tokenizer: the text tokenizer (default: the base's).
         model_kwargs: extra ``CLIPModel.from_pretrained`` arguments.
-        include / exclude / head_patterns / dtype / device: as in ``make_pool``; by default every tensor of the
+        include / exclude / head_patterns / dtype / device / check_finite: as in ``make_pool``; by default every tensor of the
             vision tower is merged and the projection stays the base's.
     """
     from transformers import AutoTokenizer, CLIPModel
@@ -217,6 +218,7 @@ def clip_zero_shot_pool(
         dtype=dtype,
         device=device,
         base_source=str(base),
+        check_finite=check_finite,
     )
     pool.heads = {e: dict(pool.heads.get(e, {})) | {"head.weight": heads[e]} for e in pool.experts}
     return pool
