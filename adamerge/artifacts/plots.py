@@ -447,6 +447,10 @@ def write_run_plots(
         higher_is_better: the metric's direction.
         metrics_dir: the run dir the loggers write into (default ``out_dir``).
         title: a title prefix, e.g. the method's name.
+
+    Training curves come from the files the loggers have written so far: CSV (after ``logger.save()``) and TensorBoard
+    are readable during the run, but an offline W&B run flushes its history only when it finishes, so a W&B-only run
+    gets no ``training.png`` from the pipeline (W&B draws those curves itself; the notebook reads them afterwards).
     """
     out_dir = Path(out_dir)
     written = []
