@@ -16,13 +16,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from adamerge.artifacts.atomic import check_writable, write_json
-from adamerge.artifacts.plots import coefficient_heatmap
+from adamerge.artifacts.atomic import write_json
+from adamerge.artifacts.plots import log_images, write_run_plots
+from adamerge.artifacts.run_dir import claim_run_dir, staged_outputs
 from adamerge.core.factory import merged_model, pool_kind
 from adamerge.engine.train import calibration_loss
 from adamerge.evaluation.protocol import reference_rows
 from adamerge.evaluation.results import summarize, to_markdown, write_results
-from adamerge.methods.registry import ConfigError, MergeResult, Run, build_method, get_spec
+from adamerge.methods.registry import ConfigError, Run, build_method, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,15 @@ def check_pool(method_name: str, kind: str | None) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one merge as configured; returns the summary table, the output dir and the coefficient record."""
-    out_dir = check_writable(cfg.paths.output_dir)
+    """Run one merge as configured; returns the summary table, the output dir, the coefficient record and the
+    calibration objective (what sweeps minimise). One output directory holds one run (``claim_run_dir``)."""
+    if rank_zero_only.rank != 0:  # data-parallel ranks train; rank 0 alone owns the directory, judges and writes
+        return merge_and_judge(cfg, Path(cfg.paths.output_dir))
+    with claim_run_dir(cfg.paths.output_dir, resume=cfg.ckpt_path is not None) as out_dir:
+        return merge_and_judge(cfg, out_dir)
+
+
+def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method)  # typed options, checked before any work
     check_pool(method.name, pool_kind(cfg.experts._target_))
@@ -66,35 +74,36 @@ def run(cfg: DictConfig) -> dict:
     if cfg.evaluate and rank_zero_only.rank == 0:
         rows |= reference_rows(merged_model(pool, granularity="task"), evaluator, data, cfg.reference_lambda)
     result = method.merge(Run(cfg, pool, data))
-    if rank_zero_only.rank != 0:  # data-parallel ranks train; rank 0 alone judges and writes
+    if rank_zero_only.rank != 0:
         return {"table": [], "output_dir": str(out_dir), "coefficients": result.record, "calibration_loss": None}
 
-    table = []
+    table, objective = [], None
     if cfg.evaluate:
         if result.init_coefficients is not None:
             init = result.model.merged_tensors(result.init_coefficients)
             rows[f"{method.name} (init, before training)"] = evaluator.evaluate(result.model, init, data)
         rows[method.name] = evaluator.evaluate(result.model, result.params, data)
         table = summarize(rows, evaluator.metrics)
-        write_results(table, out_dir, evaluator.primary)
         log.info("results (%s):\n%s", out_dir, to_markdown(table, evaluator.primary))
         log_results(result.trainer, table)
-    write_coefficients(result, out_dir, method.name)
-    objective = None
     if cfg.calibration_batches:
         objective = calibration_loss(cfg, result.model, result.params, data, cfg.calibration_batches)
         log.info("calibration objective of the merge: %.6g (%d batches per task)", objective, cfg.calibration_batches)
-    if cfg.export:
-        result.model.export(out_dir / "merged", result.params, result.record, pool.base_source)
+    # Results, coefficients and the merged model appear together, or (killed midway) not at all.
+    with staged_outputs(out_dir) as stage:
+        if table:
+            write_results(table, stage, evaluator.primary)
+        write_json(stage / "coefficients.json", result.record)
+        metric = evaluator.primary
+        coefficients = result.record if result.coefficients is not None else None
+        pictures = write_run_plots(
+            stage, table, coefficients, metric.name, metric.higher_is_better, out_dir, method.name
+        )
+        if cfg.export:
+            result.model.export(stage / "merged", result.params, result.record, pool.base_source)
+    if result.trainer is not None:
+        log_images(result.trainer.loggers, [out_dir / p.name for p in pictures], step=result.trainer.global_step)
     return {"table": table, "output_dir": str(out_dir), "coefficients": result.record, "calibration_loss": objective}
-
-
-def write_coefficients(result: MergeResult, out_dir: Path, title: str) -> None:
-    """coefficients.json (the merge's record), and its heatmap when the merge has a coefficient table."""
-    write_json(out_dir / "coefficients.json", result.record)
-    if result.coefficients is not None:
-        coefficient_heatmap(result.coefficients, out_dir / "coefficients.png", title=title)
-        log_image(result.trainer, out_dir / "coefficients.png")
 
 
 def log_results(trainer, table: list[dict]) -> None:
@@ -108,13 +117,3 @@ def log_results(trainer, table: list[dict]) -> None:
             columns = list(dict.fromkeys(k for row in table for k in row))
             logger.log_table("results", columns=columns, data=[[row.get(c) for c in columns] for row in table])
         logger.save()
-
-
-def log_image(trainer, path: Path) -> None:
-    for logger in trainer.loggers if trainer is not None else []:
-        if hasattr(logger, "log_image"):
-            logger.log_image("coefficients", [str(path)])
-        elif hasattr(getattr(logger, "experiment", None), "add_figure"):
-            import matplotlib.image as mpimg
-
-            logger.experiment.add_image("coefficients", mpimg.imread(path)[..., :3], dataformats="HWC")

@@ -35,7 +35,16 @@ LOCK_NAME = ".adamerge.lock"
 STAGE_PREFIX = ".staged."
 COMMIT_MARKER = ".commit.json"
 # What a run writes into its directory; any of them means an earlier run started training or finished.
-RUN_OUTPUTS = ("checkpoints", "coefficients.json", "coefficients.png", "results.csv", "results.md", "merged")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "coefficients.json",
+    "coefficients.png",
+    "results.csv",
+    "results.md",
+    "results.png",
+    "training.png",
+    "merged",
+)
 
 
 class RunDirError(RuntimeError):
