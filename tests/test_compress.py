@@ -48,3 +48,11 @@ def test_lowrank_storage_in_the_merged_model(base_model, expert_states, batch):
     torch.testing.assert_close(full(**batch, task="task0").logits, dense(**batch, task="task0").logits)
     with pytest.raises(ValueError, match="method.rank or method.energy"):
         MergedModel(pool, storage="lowrank")
+
+
+def test_low_rank_factors_do_not_keep_the_whole_svd_alive():
+    from adamerge.core.lowrank import low_rank
+
+    u, v = low_rank(torch.randn(2, 64, 48), rank=4)
+    assert v.shape == (2, 4, 48) and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    assert u.untyped_storage().nbytes() == u.numel() * u.element_size()

@@ -31,7 +31,8 @@ def low_rank(tau: Tensor, rank: int | None = None, energy: float | None = None) 
         raise ValueError(f"low-rank compression needs 2-D tensors per expert, got shape {tuple(tau.shape[1:])}")
     u, s, vh = torch.linalg.svd(tau.float(), full_matrices=False)  # (K, m, q), (K, q), (K, q, n)
     r = chosen_rank(s, rank, energy)
-    return (u[..., :r] * s[:, None, :r]).to(tau.dtype), vh[:, :r].to(tau.dtype)
+    # contiguous: a slice of vh in the same dtype would be a view keeping the whole SVD output alive
+    return (u[..., :r] * s[:, None, :r]).to(tau.dtype), vh[:, :r].to(tau.dtype).contiguous()
 
 
 def worth_compressing(shape: torch.Size, rank: int) -> bool:

@@ -69,7 +69,20 @@ def expected_lightning_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+        # Lightning's own internals on torch 2.13, nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
         yield
+
+
+class NoPromotionTips(logging.Filter):
+    """Drop Lightning's advertisements for its cloud products (litlogger, litmodels) from the run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud" not in record.getMessage()
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(NoPromotionTips())
 
 
 def fit_coefficients(
