@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adamerge.artifacts.plots import describe_run
+from adamerge.artifacts.run_reader import describe_run
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

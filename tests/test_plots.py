@@ -9,23 +9,22 @@ import matplotlib.image as mpimg
 import pytest
 
 from adamerge.artifacts.plots import (
-    block_label,
     coefficient_figure,
-    coefficient_grid,
-    column_labels,
-    describe_run,
     log_images,
+    result_tasks,
+    results_figure,
+    training_figure,
+    write_run_plots,
+)
+from adamerge.artifacts.run_reader import (
+    describe_run,
     method_kind,
     primary_metric,
     read_coefficients,
     read_results,
     read_training_metrics,
-    result_tasks,
-    results_figure,
-    tensor_kind,
-    training_figure,
-    write_run_plots,
 )
+from adamerge.artifacts.tensor_names import block_label, coefficient_grid, column_labels, tensor_kind
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
