@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from adamerge.artifacts.atomic import write_json
 from adamerge.artifacts.plots import log_images, write_run_plots
 from adamerge.artifacts.run_dir import claim_run_dir, staged_outputs
+from adamerge.atomic import write_json
 from adamerge.core.factory import merged_model, pool_kind
 from adamerge.engine.train import calibration_loss
 from adamerge.evaluation.protocol import reference_rows

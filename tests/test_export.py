@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from adamerge.artifacts.atomic import write_atomic
-from adamerge.artifacts.export import export_merged, load_coefficients, load_merged
+from adamerge.atomic import write_atomic
+from adamerge.core.export import export_merged, load_coefficients, load_merged
 from adamerge.core.merged import MergedModel
 from adamerge.core.pool import make_pool
 
@@ -49,7 +49,7 @@ def test_failed_export_keeps_previous_export(tmp_path, base_model, expert_states
     export_merged(merged, tmp_path / "out")
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
     monkeypatch.setattr(
-        "adamerge.artifacts.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom"))
+        "adamerge.core.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom"))
     )
     with pytest.raises(OSError, match="boom"):
         export_merged(merged, tmp_path / "out")

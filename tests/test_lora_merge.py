@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from adamerge.artifacts.export import export_merged, load_merged
 from adamerge.cli import config_dir
 from adamerge.core.adapters import AdapterError
+from adamerge.core.export import export_merged, load_merged
 from adamerge.core.lora_merged import LoraMergedModel, LoraParams
 from adamerge.core.lora_pool import LoraPool, make_lora_pool
 from adamerge.core.merged import MergedModel

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from adamerge.artifacts.atomic import atomic_path, recover_temporaries
 from adamerge.artifacts.run_dir import (
     COMMIT_MARKER,
     LOCK_NAME,
@@ -18,6 +17,7 @@ from adamerge.artifacts.run_dir import (
     finish_interrupted_commits,
     staged_outputs,
 )
+from adamerge.atomic import atomic_path, recover_temporaries
 
 # fork: the child inherits the imported modules, so it starts in milliseconds instead of re-importing torch.
 FORK = multiprocessing.get_context("fork")

@@ -20,9 +20,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from adamerge.artifacts.atomic import write_atomic
 from adamerge.artifacts.run_reader import Series, read_training_metrics
 from adamerge.artifacts.tensor_names import block_label, coefficient_grid, column_labels, split_chunk
+from adamerge.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

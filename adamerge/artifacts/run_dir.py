@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adamerge.artifacts.atomic import TEMPORARY, check_writable, recover_temporaries, write_json
+from adamerge.atomic import TEMPORARY, check_writable, recover_temporaries, write_json
 
 try:  # POSIX (Linux, macOS); Windows has no flock and runs unlocked (see claim_run_dir)
     import fcntl

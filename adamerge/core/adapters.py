@@ -16,6 +16,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from adamerge.core.weight_files import load_torch_state
+
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
@@ -133,8 +135,6 @@ def lora_scale(module: str, rank: int, config: dict) -> float:
 
 def read_adapter_weights(path: Path, expert: str) -> dict[str, Tensor]:
     """``adapter_model.safetensors``, or a legacy ``adapter_model.bin`` read with ``weights_only=True``."""
-    from adamerge.core.readers import load_torch_state
-
     weights_file = path / "adapter_model.safetensors"
     if weights_file.exists():
         from safetensors.torch import load_file

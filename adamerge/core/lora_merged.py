@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from adamerge.artifacts.atomic import atomic_path
+from adamerge.atomic import atomic_path
 from adamerge.core.adapters import PEFT_PREFIX, AdapterError, LoraAdapter
 from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, group_layout
-from adamerge.core.merged_base import MergedModelBase, assign_tensor
+from adamerge.core.export import assign_tensor
+from adamerge.core.merged_base import MergedModelBase
 
 if TYPE_CHECKING:
     from adamerge.core.lora_pool import LoraPool

@@ -25,8 +25,9 @@ from torch.func import functional_call
 
 from adamerge.core.activation_checkpointing import block_names, checkpointed_blocks
 from adamerge.core.coefficients import DEFAULT_BLOCK_PATTERN, group_layout
+from adamerge.core.export import assign_tensor
 from adamerge.core.lowrank import low_rank, merge_low_rank, worth_compressing
-from adamerge.core.merged_base import MergedModelBase, TensorBank, assign_tensor
+from adamerge.core.merged_base import MergedModelBase, TensorBank
 
 if TYPE_CHECKING:
     from adamerge.core.pool import ExpertPool

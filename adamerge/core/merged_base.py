@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.core.coefficients import Coefficients
+from adamerge.core.export import export_model
 
 
 class TensorBank(nn.Module):
@@ -136,8 +137,6 @@ class MergedModelBase(nn.Module):
 
     def export(self, out_dir: str | Path, params: Any = None, record: dict | None = None, source: str | None = None):
         """Write the merge (default: the current coefficients) as a Hugging Face folder with the per-task heads."""
-        from adamerge.artifacts.export import export_model
-
         heads = {task: self.head(task) for task in self.experts}
         return export_model(self.merge_and_unload(params=params), out_dir, heads, record, source)
 
@@ -162,20 +161,6 @@ class MergedModelBase(nn.Module):
                 )
             rows.append([table[expert][g] for g in self.group_names])
         self.coefficients.assign(torch.tensor(rows))
-
-
-def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    """Replace ``model.<name>`` by ``value`` (shape may change, e.g. a head with another number of classes)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad))
-    else:
-        module.register_buffer(attr, value.to(old.dtype).clone())
-    config = getattr(model, "config", None)
-    if old.shape != value.shape and hasattr(config, "num_labels") and value.dim() >= 1:
-        config.num_labels = value.shape[0]
 
 
 def two_stage_backward(

@@ -16,23 +16,12 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from adamerge.core.adapters import LoraAdapter
+from adamerge.core.weight_files import TORCH_SUFFIXES, PoolError, expert_key, load_torch_state
 
 log = logging.getLogger(__name__)
-
-TORCH_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-class PoolError(ValueError):
-    """Bad experts: the message names the expert, the tensor or file, and the config key to fix."""
-
-
-def expert_key(name: str) -> str:
-    """The config key that gives an expert's source."""
-    return f"experts.experts.{name}"
 
 
 class TensorReader:
@@ -92,29 +81,6 @@ class TorchStateReader(TensorReader):
 
     def get(self, name: str) -> Tensor:
         return self._states[self._where[name]][name]
-
-
-def load_torch_state(file: Path, expert: str) -> dict[str, Tensor]:
-    """A ``torch.save``'d state dict, loaded with ``weights_only=True``: pickled code is refused, not run."""
-    try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
-    except Exception as err:
-        raise PoolError(
-            f"expert {expert!r}: cannot read {file} as a PyTorch state dict ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); it is corrupt, or holds more than tensors (only "
-            f"weights_only loading is allowed): save model.state_dict() or safetensors, or fix {expert_key(expert)}"
-        ) from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise PoolError(
-            f"expert {expert!r}: {file} holds a {type(state).__name__} that is not a state dict (name -> tensor); "
-            f"save model.state_dict() into it, or fix {expert_key(expert)}"
-        )
-    return dict(state)
 
 
 class LoraReader(TensorReader):

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from adamerge.artifacts.atomic import write_text
+from adamerge.atomic import write_text
 from adamerge.evaluation.protocol import EXPERT, FLOOR, Metric, Scores
 
 

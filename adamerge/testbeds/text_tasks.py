@@ -61,10 +61,9 @@ def text_tasks_datamodule(tasks: list[str], tokenizer=None, data_dir: str | Path
         datamodule_kwargs: the rest of ``MergeDataModule`` (batch_size, max_length, num_steps, eval_split, ...).
     """
     from adamerge.engine.data import MergeDataModule
+    from adamerge.testbeds.assets import minilm_path
 
     if tokenizer is None:
-        from adamerge.testbeds.minilm import minilm_path
-
         tokenizer = minilm_path()
     datamodule_kwargs = {"calib_split": "calib", "eval_split": "test", **datamodule_kwargs}
     return MergeDataModule(tasks={t: load_task(t, data_dir) for t in tasks}, tokenizer=tokenizer, **datamodule_kwargs)

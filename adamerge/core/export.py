@@ -17,13 +17,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from adamerge.artifacts.atomic import atomic_path, write_json
-from adamerge.core.merged_base import MergedModelBase, assign_tensor
+from adamerge.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
 
-def coefficients_record(merged: MergedModelBase) -> dict:
+def coefficients_record(merged: nn.Module) -> dict:
     return {
         "experts": merged.experts,
         "granularity": merged.granularity,
@@ -32,11 +31,11 @@ def coefficients_record(merged: MergedModelBase) -> dict:
     }
 
 
-def save_coefficients(merged: MergedModelBase, path: str | Path) -> Path:
+def save_coefficients(merged: nn.Module, path: str | Path) -> Path:
     return write_json(path, coefficients_record(merged))
 
 
-def load_coefficients(merged: MergedModelBase, path: str | Path) -> None:
+def load_coefficients(merged: nn.Module, path: str | Path) -> None:
     record = json.loads(Path(path).read_text())
     if record.get("granularity") != merged.granularity:
         raise ValueError(
@@ -91,7 +90,7 @@ def export_model(
     return out_dir
 
 
-def export_merged(merged: MergedModelBase, out_dir: str | Path, preprocessor_source: str | None = None) -> Path:
+def export_merged(merged: nn.Module, out_dir: str | Path, preprocessor_source: str | None = None) -> Path:
     """Export theta(lam) of a ``MergedModelBase`` with its heads and coefficients."""
     return merged.export(out_dir, record=coefficients_record(merged), source=preprocessor_source)
 
@@ -112,3 +111,17 @@ def load_merged(out_dir: str | Path, task: str | None = None, model_class: str =
         for name, value in load_file(str(head_file)).items():
             assign_tensor(model, name, value)
     return model
+
+
+def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    """Replace ``model.<name>`` by ``value`` (shape may change, e.g. a head with another number of classes)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(attr, value.to(old.dtype).clone())
+    config = getattr(model, "config", None)
+    if old.shape != value.shape and hasattr(config, "num_labels") and value.dim() >= 1:
+        config.num_labels = value.shape[0]
