@@ -11,10 +11,10 @@ from adamerge.core.merged import MergedModel
 from adamerge.core.pool import make_pool
 from adamerge.engine.train import fit_coefficients
 from adamerge.evaluation.causal_lm import lm_loss
-from adamerge.objectives.generation import with_expert_responses
-from adamerge.testbeds.tiny_lm import build_tiny_lm
 from adamerge.objectives.alignment import ExpertAlignment
+from adamerge.objectives.generation import with_expert_responses
 from adamerge.objectives.teachers import build_teacher_cache
+from adamerge.testbeds.tiny_lm import build_tiny_lm
 
 PROMPT = 7  # 6 prompt tokens + the separator (adamerge.testbeds.tiny_lm.lm_task_dataset defaults)
 

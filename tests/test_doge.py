@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from transformers import BertForSequenceClassification
 
 from adamerge.core.pool import make_pool
+from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.doge import (
     Doge,
     doge_merge,
@@ -22,7 +23,6 @@ from adamerge.methods.doge import (
     task_aware_coefficients,
     top_singular,
 )
-from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
 from adamerge.methods.kernels import trim
 from adamerge.methods.registry import build_method
