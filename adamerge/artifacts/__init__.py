@@ -1,1 +1,1 @@
-"""What a run writes: atomic files, the exported merged model, coefficient plots."""
+"""What a run leaves: one run per output directory, its pictures, and reading a finished run back."""
