@@ -50,12 +50,12 @@ register(
     kind="learned",
     description="AdaMerging++: layer-wise AdaMerging over TIES-processed task vectors (top 20%, elected signs)",
     paper=PAPER,
-    needs=Needs(dense=True, calibration=True),
+    needs=Needs(dense=True, calibration=True, first_pass="TIES trim and sign election of the task vectors"),
 )(AdaMerging)
 register(
     "doge_adamerging",
     kind="learned",
     description="DOGE + AdaMerging: layer-wise AdaMerging over task vectors modified by DOGE's data-free delta",
     paper="https://arxiv.org/abs/2501.01230",
-    needs=Needs(dense=True, calibration=True),
+    needs=Needs(dense=True, calibration=True, first_pass="DOGE's data-free delta"),
 )(AdaMerging)

@@ -70,5 +70,5 @@ register(
     kind="learned",
     description="Expert Merging++: a layer-wise pass, then chunk-wise coefficients allocated by importance",
     paper=PAPER,
-    needs=Needs(dense=True, calibration=True, expert_outputs=True),
+    needs=Needs(dense=True, calibration=True, expert_outputs=True, first_pass="layer-wise Expert Merging"),
 )(ExpertMergingPP)

@@ -32,17 +32,26 @@ class Needs:
     Attributes:
         dense: dense task vectors (a LoRA-native pool, ``experts=lora``, has only factors).
         calibration: unlabeled calibration batches (``data.calib_split``).
+        labels: labeled calibration data.
         expert_outputs: each expert's outputs on the calibration data (teacher targets).
+        activation_statistics: per-layer input statistics of each expert on the calibration data (RegMean, Fisher).
+        first_pass: another method or pass it runs first (e.g. TIES for AdaMerging++), for the listing.
     """
 
     dense: bool = False
     calibration: bool = False
+    labels: bool = False
     expert_outputs: bool = False
+    activation_statistics: bool = False
+    first_pass: str | None = None
 
     def describe(self) -> str:
         parts = ["dense task vectors" if self.dense else "task vectors or LoRA factors"]
-        parts += ["unlabeled calibration data"] if self.calibration else ["no data"]
+        data = "labeled calibration data" if self.labels else "unlabeled calibration data"
+        parts += [data] if self.calibration or self.labels else ["no data"]
         parts += ["expert outputs"] if self.expert_outputs else []
+        parts += ["activation statistics"] if self.activation_statistics else []
+        parts += [f"a first pass: {self.first_pass}"] if self.first_pass else []
         return ", ".join(parts)
 
 
