@@ -37,6 +37,10 @@ ARGS = [
     "+callbacks.rows._target_=test_ddp.RowsSeen",
 ]
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+# A coefficient whose gradient RMS stays below Adam's eps moves with rounding noise only (measured on the tiny
+# experiment: the 6 attention key-bias coefficients of 117, gradients ~1e-10 against ~3e-4; one process with
+# backward=split vs concat differs there by 0.008, as one vs two processes do).
+NOISE_FLOOR = 1e-8
 
 
 class RowsSeen(L.Callback):
@@ -81,11 +85,50 @@ def launch_ranks(run_dir: Path, tmp_path: Path) -> list[tuple[subprocess.Popen, 
     return ranks
 
 
-def coefficients(run_dir: Path) -> torch.Tensor:
+def final_state(run_dir: Path, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw coefficients and the RMS of their gradients (Adam's second moment) at the end of a run."""
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == STEPS
+    assert ckpt["global_step"] == steps
     (raw,) = [v for k, v in ckpt["state_dict"].items() if k.endswith("coefficients.raw")]
-    return raw
+    return raw, ckpt["optimizer_states"][0]["state"][0]["exp_avg_sq"].sqrt()
+
+
+def merged_logits(raw: torch.Tensor, num_tasks: int, expert_steps: int) -> torch.Tensor:
+    """Every task head's logits on its first evaluation batch, through the model merged with ``raw``."""
+    from adamerge.core.merged import MergedModel
+    from adamerge.testbeds.tiny import tiny_datamodule, tiny_pool
+
+    merged = MergedModel(tiny_pool(num_tasks=num_tasks, seed=0, steps=expert_steps))  # layer-wise, [0, 1]
+    data = tiny_datamodule(num_tasks=num_tasks, seed=0, steps=expert_steps)
+    data.setup()
+    with torch.no_grad():
+        merged.coefficients.raw.copy_(raw)
+        params = merged.merged_tensors()
+        logits = []
+        for task, loader in data.eval_dataloaders().items():
+            inputs = {k: v for k, v in next(iter(loader)).items() if k != "labels"}
+            logits.append(merged(**inputs, task=task, params=params).logits.flatten())
+    return torch.cat(logits)
+
+
+def compare(one: Path, two: Path, steps: int, num_tasks: int, expert_steps: int) -> None:
+    """Coefficients with a gradient within 1e-5; those whose gradient is rounding noise (below Adam's eps: the
+    attention key biases, which softmax cancels) drift with Adam in either run alike, and change no output."""
+    (lam_one, rms), (lam_two, _) = final_state(one, steps), final_state(two, steps)
+    learned = rms > NOISE_FLOOR
+    delta = (lam_two - lam_one).abs()
+    noise = delta[~learned].max().item() if (~learned).any() else 0.0
+    n_learned, n_noise = int(learned.sum()), int((~learned).sum())
+    print(f"max |2 processes - 1 process|: {delta[learned].max().item():.3g} over {n_learned} learned coefficients")
+    print(f"max |2 processes - 1 process|: {noise:.3g} over {n_noise} with a gradient below {NOISE_FLOOR:g}")
+    assert learned.float().mean() > 0.9
+    assert delta[learned].max() < 1e-5
+    torch.testing.assert_close(
+        merged_logits(lam_two, num_tasks, expert_steps),
+        merged_logits(lam_one, num_tasks, expert_steps),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def rows(run_dir: Path, rank: int) -> list[dict[str, list[int]]]:
@@ -98,9 +141,7 @@ def test_two_processes_learn_the_coefficients_of_one(tmp_path):
     run_merge(one)  # while the two ranks run
     for rank, log in ranks:
         assert rank.wait(timeout=900) == 0, log.read_text()[-3000:]
-    delta = (coefficients(two) - coefficients(one)).abs().max().item()
-    print(f"max |coefficients(2 processes) - coefficients(1 process)| = {delta:.3g}")
-    assert delta < 1e-5
+    compare(one, two, STEPS, num_tasks=2, expert_steps=4)
     # each rank ran its own contiguous half of every step's task batches, and together the whole batch
     whole, first, second = rows(one, 0), rows(two, 0), rows(two, 1)
     assert len(whole) == len(first) == len(second) == STEPS
@@ -139,11 +180,7 @@ def test_cli_ddp_run_equals_one_process(tmp_path):
     for name, extra in (("one", []), ("two", DDP)):
         done = subprocess.run([*args, *extra, f"hydra.run.dir={tmp_path / name}"], env=env, capture_output=True)
         assert done.returncode == 0, done.stderr[-3000:]
-    load = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False) for n in ("one", "two")]
-    lam = [[v for k, v in c["state_dict"].items() if k.endswith("coefficients.raw")][0] for c in load]
-    delta = (lam[0] - lam[1]).abs().max().item()
-    print(f"CLI: max |coefficients(2 processes) - coefficients(1 process)| = {delta:.3g}")
-    assert load[0]["global_step"] == load[1]["global_step"] and delta < 1e-5
+    compare(tmp_path / "one", tmp_path / "two", 100, num_tasks=3, expert_steps=80)  # experiment=tiny: 100 steps
 
 
 if __name__ == "__main__":

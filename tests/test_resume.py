@@ -145,7 +145,7 @@ def warm():
 
 
 def test_killed_three_times_and_resumed_equals_uninterrupted_run(tmp_path, warm):
-    """One run SIGKILLed at step 8, resumed, killed at 14, resumed, killed at 20, resumed to step 48 (16 passes over
+    """One run SIGKILLed at step 6, resumed, killed at 12, resumed, killed at 18, resumed to step 48 (16 passes over
     the data). The last resume starts before half the run: there a map-style stream ended the resumed epoch early
     and replayed old steps."""
     steps = 48
@@ -153,7 +153,7 @@ def test_killed_three_times_and_resumed_equals_uninterrupted_run(tmp_path, warm)
     finish(Forked, [*args, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path / "reference.log")
     run_dir = tmp_path / "resumed"
     resumed_from = []
-    for i, step in enumerate((8, 14, 20)):
+    for i, step in enumerate((6, 12, 18)):
         resume = ["ckpt_path=last"] if i else []
         log = tmp_path / f"killed{i}.log"
         resumed_from.append(kill_after(Forked, [*args, *resume, f"hydra.run.dir={run_dir}"], run_dir, step, log))
