@@ -51,7 +51,13 @@ def test_readme_local_yaml_runs_as_written(tmp_path):
     experiment = tmp_path / "conf" / "experiment"
     experiment.mkdir(parents=True)
     (experiment / "my_merge.yaml").write_text(readme_local_yaml())
-    command = [sys.executable, "-m", "adamerge.cli", "experiment=my_merge", f"hydra.searchpath=[file://{tmp_path}/conf]"]
+    command = [
+        sys.executable,
+        "-m",
+        "adamerge.cli",
+        "experiment=my_merge",
+        f"hydra.searchpath=[file://{tmp_path}/conf]",
+    ]
     command += ["method.steps=3", "hydra.run.dir=out", "~logger"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
@@ -59,3 +65,29 @@ def test_readme_local_yaml_runs_as_written(tmp_path):
     results = (tmp_path / "out" / "results.md").read_text()
     assert "| adamerging |" in results and "sst2" in results and "ag_news" in results
     assert (tmp_path / "out" / "merged" / "model" / "config.json").exists()
+
+
+def test_a_nan_expert_stops_a_static_merge_naming_expert_and_tensor_and_nothing_is_exported(tmp_path):
+    """Seen on the landed code: method=task_arithmetic exited 0 and exported a model holding NaN."""
+    write_models(tmp_path)
+    write_data(tmp_path)
+    poisoned = BertForSequenceClassification.from_pretrained(tmp_path / "models" / "ag_news")
+    with torch.no_grad():
+        poisoned.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    poisoned.save_pretrained(tmp_path / "models" / "ag_news")
+    experiment = tmp_path / "conf" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "my_merge.yaml").write_text(readme_local_yaml())
+    command = [
+        sys.executable,
+        "-m",
+        "adamerge.cli",
+        "experiment=my_merge",
+        f"hydra.searchpath=[file://{tmp_path}/conf]",
+    ]
+    command += ["method=task_arithmetic", "hydra.run.dir=out", "~logger"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    assert "ag_news" in done.stderr and "attention.self.query.weight" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out" / "merged").exists() and not (tmp_path / "out" / "results.md").exists()
