@@ -45,22 +45,21 @@ def write_data(root: Path) -> None:
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def run_readme_experiment(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``adamerge experiment=my_merge`` from ``root``, the README's local-files YAML as conf/experiment/my_merge.yaml."""
+    experiment = root / "conf" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "my_merge.yaml").write_text(readme_local_yaml())
+    command = [sys.executable, "-m", "adamerge.cli", "experiment=my_merge", f"hydra.searchpath=[file://{root}/conf]"]
+    command += ["hydra.run.dir=out", "~logger", *overrides]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+
+
 def test_readme_local_yaml_runs_as_written(tmp_path):
     write_models(tmp_path)
     write_data(tmp_path)
-    experiment = tmp_path / "conf" / "experiment"
-    experiment.mkdir(parents=True)
-    (experiment / "my_merge.yaml").write_text(readme_local_yaml())
-    command = [
-        sys.executable,
-        "-m",
-        "adamerge.cli",
-        "experiment=my_merge",
-        f"hydra.searchpath=[file://{tmp_path}/conf]",
-    ]
-    command += ["method.steps=3", "hydra.run.dir=out", "~logger"]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    done = run_readme_experiment(tmp_path, "method.steps=3")
     assert done.returncode == 0, done.stderr[-3000:]
     results = (tmp_path / "out" / "results.md").read_text()
     assert "| adamerging |" in results and "sst2" in results and "ag_news" in results
@@ -75,19 +74,7 @@ def test_a_nan_expert_stops_a_static_merge_naming_expert_and_tensor_and_nothing_
     with torch.no_grad():
         poisoned.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
     poisoned.save_pretrained(tmp_path / "models" / "ag_news")
-    experiment = tmp_path / "conf" / "experiment"
-    experiment.mkdir(parents=True)
-    (experiment / "my_merge.yaml").write_text(readme_local_yaml())
-    command = [
-        sys.executable,
-        "-m",
-        "adamerge.cli",
-        "experiment=my_merge",
-        f"hydra.searchpath=[file://{tmp_path}/conf]",
-    ]
-    command += ["method=task_arithmetic", "hydra.run.dir=out", "~logger"]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    done = run_readme_experiment(tmp_path, "method=task_arithmetic")
     assert done.returncode != 0
     assert "ag_news" in done.stderr and "attention.self.query.weight" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out" / "merged").exists() and not (tmp_path / "out" / "results.md").exists()
