@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from adamerge.core.readers import (  # noqa: F401 (re-exported: the pool's publi
     local_path,
     open_reader,
 )
+from adamerge.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,6 @@ def select_merged_names(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def progress(items, desc: str, **kwargs):
-    """A tqdm bar over ``items`` on an interactive terminal when this module logs at INFO; silent otherwise."""
-    from tqdm import tqdm
-
-    quiet = not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO))
-    return tqdm(items, desc=desc, disable=quiet, leave=False, **kwargs)
-
-
 def build_task_vectors(
     base_state: Mapping[str, Tensor],
     readers: Mapping[str, TensorReader],
@@ -139,7 +131,7 @@ def build_task_vectors(
     experts = list(readers)
     keys = {e: r.keys() for e, r in readers.items()}
     stacks = {}
-    for name in progress(names, "task vectors", unit="tensor"):
+    for name in progress(names, "task vectors", unit="tensor", log=log):
         base = base_state[name]
         stack = torch.empty((len(experts), *base.shape), dtype=dtype, device=device)
         for k, expert in enumerate(experts):
@@ -279,7 +271,7 @@ def make_pool(
     prefix = getattr(model, "base_model_prefix", "") or ""
     config = getattr(model, "config", None)
     readers = {}
-    for name, source in progress(experts.items(), "experts", unit="expert"):
+    for name, source in progress(experts.items(), "experts", unit="expert", log=log):
         readers[name] = open_reader(name, source, base_state, config, prefix)
         if isinstance(readers[name], LoraReader):
             readers[name].adapter.check_base(base_source or getattr(model, "name_or_path", None))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adamerge.core.merged_base import MergedModelBase
+from adamerge.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            return {task: self.score(model, params, data, task) for task in (tasks or data.eval)}
+            names = list(tasks or data.eval)
+            return {task: self.score(model, params, data, task) for task in progress(names, "evaluating", log)}
         finally:
             model.train(was_training)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 from torch import Tensor
@@ -11,6 +12,9 @@ from adamerge.core.factory import merged_model
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.kernels import get_merge, get_transform
 from adamerge.methods.registry import ConfigError, MergeResult, Needs, Run, register
+from adamerge.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 def static_merge(pool: ExpertPool, method: str, seed: int = 0, **kwargs) -> dict[str, Tensor]:
@@ -18,7 +22,8 @@ def static_merge(pool: ExpertPool, method: str, seed: int = 0, **kwargs) -> dict
     merge = get_merge(method)
     kwargs = with_generator(method, seed, kwargs)
     base = pool.base_tensors()
-    return {name: base[name] + merge(tau, **kwargs).to(base[name].dtype) for name, tau in pool.task_vectors.items()}
+    tensors = progress(pool.task_vectors.items(), method, log, unit="tensor", total=len(pool.task_vectors))
+    return {name: base[name] + merge(tau, **kwargs).to(base[name].dtype) for name, tau in tensors}
 
 
 def transform_pool(pool: ExpertPool, transform: str, seed: int = 0, **kwargs) -> ExpertPool:
