@@ -24,9 +24,9 @@ from adamerge.core.pool import (
     local_path,
     matches,
     model_dtype,
-    progress,
     resolve_dtype,
 )
+from adamerge.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def make_lora_pool(
     dtypes = {n: t.dtype for n, t in model.state_dict().items()}
     prefix = getattr(model, "base_model_prefix", "") or ""
     adapters, heads = {}, {}
-    for name, source in progress(experts.items(), "LoRA experts", unit="expert"):
+    for name, source in progress(experts.items(), "LoRA experts", log, unit="expert"):
         if isinstance(source, LoraAdapter):
             adapter = replace(source, expert=name)
         else:
