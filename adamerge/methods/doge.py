@@ -68,11 +68,10 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from adamerge.core.factory import merged_model
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.doge_solvers import FORMS, SOLVERS, check_choice, doge_objective, solve_batched, solve_dtype
 from adamerge.methods.kernels import task_arithmetic, trim
-from adamerge.methods.registry import MergeResult, Needs, Run, register
+from adamerge.methods.registry import MergeResult, Needs, Run, register, static_result
 
 log = logging.getLogger(__name__)
 
@@ -375,9 +374,7 @@ class Doge:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
 
     def merge(self, run: Run) -> MergeResult:
-        params = doge_merge(run.pool, **self.options())
-        record = {"method": self.name, "options": self.options()}
-        return MergeResult(merged_model(run.pool, granularity="task"), params, record)
+        return static_result(self.name, run, doge_merge(run.pool, **self.options()), self.options())
 
 
 register(

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from adamerge.core.factory import merged_model
+
 KINDS = ("static", "learned")
 
 
@@ -181,6 +183,11 @@ class MergeResult:
     coefficients: dict | None = None
     trainer: Any = None
     init_coefficients: Any = None
+
+
+def static_result(name: str, run, params, options: dict) -> MergeResult:
+    """A training-free merge's result: its merged tensors, run by the pool's task-wise merged model."""
+    return MergeResult(merged_model(run.pool, granularity="task"), params, {"method": name, "options": options})
 
 
 @dataclass

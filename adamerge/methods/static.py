@@ -8,10 +8,9 @@ import logging
 import torch
 from torch import Tensor
 
-from adamerge.core.factory import merged_model
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.kernels import get_merge, get_transform
-from adamerge.methods.registry import ConfigError, MergeResult, Needs, Run, register
+from adamerge.methods.registry import ConfigError, MergeResult, Needs, Run, register, static_result
 from adamerge.progress import progress
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,7 @@ class TaskArithmeticFamily:
 
     def merge(self, run: Run) -> MergeResult:
         options = self.kernel_options()
-        params = static_merge(run.pool, self.name, **options)
-        record = {"method": self.name, "options": options}
-        return MergeResult(merged_model(run.pool, granularity="task"), params, record)
+        return static_result(self.name, run, static_merge(run.pool, self.name, **options), options)
 
 
 register(
