@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from hydra import compose, initialize_config_dir
 
     from adamerge.cli import config_dir, register_resolvers
-    from adamerge.evaluation.classification import to_markdown
+    from adamerge.evaluation.results import to_markdown
     from adamerge.pipeline import run
     from adamerge.testbeds.text_tasks import available_tasks
 
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         overrides.append(f"experts.tasks=[{','.join(available_tasks())}]")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides + args.overrides)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # a fresh run, not a resume
+    shutil.rmtree(out_dir, ignore_errors=True)  # the demo's own folder: a fresh run, not a resume (one run per dir)
     start = time.perf_counter()
     result = run(cfg)
     print(to_markdown(result["table"]))
