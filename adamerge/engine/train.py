@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from adamerge.engine.data import StepBatches
-from adamerge.engine.datasets import MODEL_INPUTS, collate, model_inputs
+from adamerge.engine.datasets import model_inputs
 from adamerge.engine.module import MergeModule
 
 log = logging.getLogger(__name__)
@@ -131,22 +131,20 @@ def fit_coefficients(
 @torch.no_grad()
 def calibration_loss(cfg: DictConfig, model, params, datamodule, batches: int) -> float:
     """The training objective (``cfg.objective``, summed over tasks) of the merge ``params``, averaged over the first
-    ``batches`` calibration batches of every task: the number a sweep minimises, for static and learned merges alike."""
+    ``batches`` steps of the calibration stream (the batches training sees first): the number a sweep minimises, for
+    static and learned merges alike."""
     objective = instantiate(cfg.objective)
     if hasattr(objective, "bind"):
         objective.bind(model, datamodule)
     extra = getattr(objective, "model_kwargs", {})
+    stream = StepBatches(datamodule.calib, datamodule.batch_size, batches, datamodule.seed, datamodule.pad_id)
     was_training = model.training
     model.eval()
     total = 0.0
     try:
         for step in range(batches):
-            for task, dataset in datamodule.calib.items():
-                rows = range(step * datamodule.batch_size, (step + 1) * datamodule.batch_size)
-                index = [i % len(dataset) for i in rows]
-                keys = [c for c in dataset.column_names if c in MODEL_INPUTS]
-                inputs = collate([dataset[i] for i in index], keys, datamodule.pad_id)
-                inputs = {k: v.to(model.device) for k, v in inputs.items()} | {"_index": torch.tensor(index)}
+            for task, inputs in stream.batch(step).items():
+                inputs = {k: v.to(model.device) for k, v in inputs.items()}  # as the trainer moves a batch
                 outputs = model(**model_inputs(inputs), **extra, task=task, params=params)
                 total += float(objective(outputs, task, inputs))
     finally:
