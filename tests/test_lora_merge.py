@@ -273,3 +273,18 @@ def test_concat_backward_equals_split(base_model, adapters, batch):
         grads[mode] = lora.coefficients.raw.grad.clone()
     assert grads["split"].abs().max() > 0
     torch.testing.assert_close(grads["concat"], grads["split"], atol=1e-6, rtol=1e-5)
+
+
+def test_export_writes_the_dense_model_and_the_exact_peft_adapter(tmp_path, base_model, adapters, batch):
+    """What the pipeline's export gives for experts=lora: merged/model/ and merged/adapter/ (the same merge)."""
+    lora, _ = lora_and_dense(base_model, adapters, "layer", seed=2)
+    lora.export(tmp_path / "merged")
+    dense = BertForSequenceClassification.from_pretrained(tmp_path / "merged" / "model").eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "merged" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            dense.bert(**batch).last_hidden_state,
+            peft_model.base_model.model.bert(**batch).last_hidden_state,
+            atol=1e-5,
+            rtol=0,
+        )
