@@ -24,7 +24,11 @@ def example_files() -> dict[str, str]:
 @pytest.fixture
 def breadcrumbs(tmp_path, monkeypatch):
     files = example_files()
-    assert set(files) == {"adamerge/methods/breadcrumbs.py", "conf/method/breadcrumbs.yaml", "tests/test_breadcrumbs.py"}
+    assert set(files) == {
+        "adamerge/methods/breadcrumbs.py",
+        "conf/method/breadcrumbs.yaml",
+        "tests/test_breadcrumbs.py",
+    }
     source = tmp_path / "breadcrumbs.py"
     source.write_text(files["adamerge/methods/breadcrumbs.py"])
     spec = importlib.util.spec_from_file_location("adamerge.methods.breadcrumbs", source)

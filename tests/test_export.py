@@ -48,9 +48,7 @@ def test_failed_export_keeps_previous_export(tmp_path, base_model, expert_states
     merged = MergedModel(make_pool(base_model, expert_states))
     export_merged(merged, tmp_path / "out")
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
-    monkeypatch.setattr(
-        "adamerge.core.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom"))
-    )
+    monkeypatch.setattr("adamerge.core.export.coefficients_record", lambda m: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         export_merged(merged, tmp_path / "out")
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
