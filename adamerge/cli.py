@@ -54,16 +54,24 @@ adamerge --cfg job prints the composed config.
 
 def list_methods() -> str:
     """One line per registered method, read from the registry (so it cannot fall out of date)."""
-    from adamerge.methods.registry import methods
+    from adamerge.methods.registry import composes, methods
 
     specs = methods()
     width = max(len(s.name) for s in specs)
-    lines = [f"{'method':<{width}}  {'kind':<7}  needs / description / paper"]
+    lines = [f"{'method':<{width}}  {'kind':<7}  needs / description / paper / composes"]
+    learners = [s.name for s in specs if s.kind == "learned"]
     for s in specs:
         lines.append(f"{s.name:<{width}}  {s.kind:<7}  needs {s.needs.describe()}")
         lines.append(f"{'':<{width}}  {'':<7}  {s.description}")
         lines.append(f"{'':<{width}}  {'':<7}  {s.paper}")
-    return "\n".join(lines) + "\n\nchoose one with: adamerge method=<name>; its options: conf/method/<name>.yaml"
+        if composes(s):
+            lines.append(f"{'':<{width}}  {'':<7}  composes: method.transform={s.name} under every learner")
+    usable = ", ".join(s.name for s in specs if composes(s))
+    return "\n".join(lines) + (
+        "\n\nchoose one with: adamerge method=<name>; its options: conf/method/<name>.yaml"
+        f"\nlearn coefficients over a static method's per-task vectors: adamerge method=<learner> method.transform=<name>"
+        f"\n  learners: {', '.join(learners)}\n  transforms: {usable}"
+    )
 
 
 def main() -> None:

@@ -38,14 +38,17 @@ def check_tasks(experts: list[str], tasks: list[str]) -> None:
         )
 
 
-def check_pool(method_name: str, kind: str | None) -> None:
-    """A method that needs dense task vectors cannot run on LoRA factors: say so before loading anything."""
-    if kind == "lora" and get_spec(method_name).needs.dense:
-        raise ConfigError(
-            f"method {method_name!r} needs dense task vectors; LoRA-native experts (experts=lora) give factors only. "
-            "Use experts=hf with the same adapter folders (densified on load), or a method that takes LoRA factors "
-            "(adamerge methods)"
-        )
+def check_pool(method, kind: str | None) -> None:
+    """A method (or the transform a learner runs over: ``method.transform``) that needs dense task vectors cannot run
+    on LoRA factors: say so before loading anything."""
+    first_pass = getattr(method, "first_pass", None)
+    for name in [method.name] + ([first_pass.name] if first_pass is not None else []):
+        if kind == "lora" and get_spec(name).needs.dense:
+            raise ConfigError(
+                f"method {name!r} needs dense task vectors; LoRA-native experts (experts=lora) give factors only. "
+                "Use experts=hf with the same adapter folders (densified on load), or a method that takes LoRA "
+                "factors (adamerge methods)"
+            )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -60,10 +63,10 @@ def run(cfg: DictConfig) -> dict:
 def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method)  # typed options, checked before any work
-    check_pool(method.name, pool_kind(cfg.experts._target_))
+    check_pool(method, pool_kind(cfg.experts._target_))
     evaluator = instantiate(cfg.evaluator)
     pool = instantiate(cfg.experts)
-    check_pool(method.name, pool_kind(pool))
+    check_pool(method, pool_kind(pool))
     data = instantiate(cfg.data, num_steps=method.calibration_steps)
     check_tasks(pool.experts, data.task_names)
     data.setup("fit")
@@ -83,6 +86,12 @@ def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
             init = result.model.merged_tensors(result.init_coefficients)
             rows[f"{method.name} (init, before training)"] = evaluator.evaluate(result.model, init, data)
         rows[method.name] = evaluator.evaluate(result.model, result.params, data)
+        if result.task_params is not None:  # each task judged through its own merge (e.g. its TALL mask)
+            rows[f"{method.name} (per-task)"] = {
+                task: evaluator.evaluate(result.model, params, data, [task])[task]
+                for task, params in result.task_params.items()
+                if task in data.eval
+            }
         table = summarize(rows, evaluator.metrics)
         log.info("results (%s):\n%s", out_dir, to_markdown(table, evaluator.primary))
         log_results(result.trainer, table)
@@ -99,6 +108,8 @@ def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
         pictures = write_run_plots(
             stage, table, coefficients, metric.name, metric.higher_is_better, out_dir, method.name
         )
+        if result.write_artifacts is not None:
+            result.write_artifacts(stage)
         if cfg.export:
             result.model.export(stage / "merged", result.params, result.record, pool.base_source)
     if result.trainer is not None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 from transformers import BertForSequenceClassification
@@ -25,7 +24,7 @@ from adamerge.methods.doge import (
 )
 from adamerge.methods.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
 from adamerge.methods.kernels import trim
-from adamerge.methods.registry import build_method
+from adamerge.methods.registry import build_method, build_transform
 from adamerge.methods.static import static_merge
 from tests.conftest import perturbed, tiny_bert_config
 
@@ -258,7 +257,7 @@ def test_method_configs_compose_into_the_train_config():
         learned = build_method(compose("train", overrides=["method=doge_adamerging"]).method)
     assert isinstance(doge, Doge) and doge.eta == 0.07 and doge.calibration_steps == 0
     assert isinstance(learned, AdaMerging) and learned.granularity == "layer" and learned.steps == 500  # AdaMerging's
-    assert learned.transform["_target_"] == "adamerge.methods.doge.doge_transform" and learned.transform["eta"] == 0.07
+    assert learned.transform == "doge" and isinstance(learned.first_pass, Doge) and learned.first_pass.eta == 0.07
 
 
 def test_method_configs_instantiate(pool):
@@ -269,5 +268,6 @@ def test_method_configs_instantiate(pool):
     assert merged.keys() == pool.task_vectors.keys()
     transform_cfg = OmegaConf.load(CONF / "doge_adamerging.yaml")
     assert list(transform_cfg.defaults) == ["adamerging", "_self_"]
-    transformed = instantiate(transform_cfg.transform, steps=2)(pool)
+    first_pass = build_transform({"name": transform_cfg.transform, "steps": 2}, "doge_adamerging")
+    transformed = first_pass.transform(pool)
     assert transformed.task_vectors.keys() == pool.task_vectors.keys()

@@ -19,7 +19,9 @@ from adamerge.engine.module import MergeModule
 log = logging.getLogger(__name__)
 
 
-def learn(cfg: DictConfig, merged, datamodule, method, steps: int | None = None, quiet: bool = False):
+def learn(
+    cfg: DictConfig, merged, datamodule, method, steps: int | None = None, quiet: bool = False, experts=None
+):
     """Fit ``merged``'s coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
 
     Args:
@@ -29,10 +31,12 @@ def learn(cfg: DictConfig, merged, datamodule, method, steps: int | None = None,
         method: the learned method's options (``optimizer``, ``scheduler``, ``backward``; ``LearnedMethod``).
         steps: a first pass of this many steps without checkpoints or loggers (``quiet``; Expert Merging++'s
             layer-wise pass); the main pass runs ``trainer.max_steps`` (default: ``method.steps``).
+        experts: the merged model whose one-hot tables are the real experts, when ``merged`` runs over transformed
+            task vectors (objectives that align with the experts read their outputs from it).
     """
     objective = instantiate(cfg.objective)
     if hasattr(objective, "bind"):  # objectives that need the model and the calibration data (Expert Merging)
-        objective.bind(merged, datamodule)
+        objective.bind(merged, datamodule, experts=experts)
     scheduler = instantiate(method.scheduler) if method.scheduler is not None else None
     module = MergeModule(merged, objective, instantiate(method.optimizer), scheduler, backward=method.backward)
     if quiet:

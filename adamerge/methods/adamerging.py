@@ -10,25 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hydra.utils import instantiate
-
 from adamerge.methods.learned import LearnedMethod
-from adamerge.methods.registry import Needs, Run, register
+from adamerge.methods.registry import Needs, register
 
 PAPER = "https://arxiv.org/abs/2310.02575"
 
 
 @dataclass
 class AdaMerging(LearnedMethod):
-    """Attributes (besides ``LearnedMethod``'s):
-    transform: a partial pool -> pool (``_target_`` + ``_partial_: true``) applied to the task vectors before
-        learning (TIES for AdaMerging++, DOGE's delta for DOGE + AdaMerging); null: the raw task vectors.
-    """
-
-    transform: dict | None = None
-
-    def pool_for_learning(self, run: Run):
-        return run.pool if self.transform is None else instantiate(self.transform)(run.pool)
+    """AdaMerging's options are ``LearnedMethod``'s; its presets differ in ``granularity`` and ``transform``."""
 
 
 register(

@@ -57,9 +57,10 @@ class ExpertMergingPP(ExpertMerging):
 
     def merge(self, run: Run) -> MergeResult:
         layer_steps = self.chunking["layer_steps"] or self.steps
-        first = self.build(run.pool, granularity="layer", chunks=1)
+        pool = self.pool_for_learning(run)
+        first = self.build(pool, granularity="layer", chunks=1)
         self.learn(run, first, steps=layer_steps, quiet=True)
-        merged = chunked_model(first, run.pool, instantiate(self.chunking["allocate"])(first))
+        merged = chunked_model(first, pool, instantiate(self.chunking["allocate"])(first))
         init = merged.coefficients().detach().clone()  # the second pass starts at the layer-wise merge
         trainer = self.learn(run, merged)
         return self.result(merged, trainer, init)

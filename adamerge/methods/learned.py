@@ -16,7 +16,7 @@ from adamerge.core.coefficients import GRANULARITIES, PARAMETRIZATIONS
 from adamerge.core.factory import merged_model
 from adamerge.core.merged import STORAGES
 from adamerge.engine.module import BACKWARD_MODES
-from adamerge.methods.registry import ConfigError, MergeResult, Run, check_choice
+from adamerge.methods.registry import ConfigError, MergeResult, Run, build_transform, check_choice
 
 
 def adam(lr: float = 1e-3) -> dict:
@@ -42,6 +42,9 @@ class LearnedMethod:
         backward: ``auto`` | ``split`` | ``concat`` | ``joint`` (``adamerge.engine.module``).
         optimizer: a partial ``torch.optim`` constructor (``_target_``, ``_partial_: true``, its kwargs).
         scheduler: a partial LR scheduler, or null.
+        transform: a static method whose per-task processed task vectors the coefficients are learned over
+            (``ties`` for AdaMerging++, ``doge``, ``tsv_m`` ...): its name (its preset as is) or ``{name: ..., <its
+            options>}``; null: the raw task vectors. ``adamerge methods`` says which methods compose.
     """
 
     name: str
@@ -60,6 +63,7 @@ class LearnedMethod:
     backward: str = "auto"
     optimizer: dict = field(default_factory=adam)
     scheduler: dict | None = None
+    transform: str | dict | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.granularity, GRANULARITIES, "method.granularity", self.name)
@@ -74,6 +78,8 @@ class LearnedMethod:
             raise ConfigError(f"method.init must hold finite numbers, got {self.init!r} (method {self.name!r})")
         if self.clamp is not None and (len(self.clamp) != 2 or self.clamp[0] > self.clamp[1]):
             raise ConfigError(f"method.clamp must be [low, high] or null, got {self.clamp!r} (method {self.name!r})")
+        if self.transform is not None:
+            self.first_pass = build_transform(self.transform, self.name)  # checked now, run in pool_for_learning
         if "_target_" not in self.optimizer:
             raise ConfigError(f"method.optimizer needs a _target_ (e.g. torch.optim.Adam) (method {self.name!r})")
 
@@ -82,7 +88,7 @@ class LearnedMethod:
         return self.steps
 
     def options(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        return {k: v for k, v in asdict(self).items() if k != "name"}  # first_pass is not a field: not recorded
 
     def build(self, pool, **overrides):
         """The learnable merged model over ``pool`` with these options (``overrides`` win)."""
@@ -106,7 +112,8 @@ class LearnedMethod:
         """One training pass of ``merged``'s coefficients (the engine's ``learn``) with this method's optimizer."""
         from adamerge.engine.train import learn
 
-        return learn(run.cfg, merged, run.data, self, steps=steps, quiet=quiet)
+        experts = None if self.transform is None else merged_model(run.pool, granularity="task")  # the real experts
+        return learn(run.cfg, merged, run.data, self, steps=steps, quiet=quiet, experts=experts)
 
     def result(self, merged, trainer, init) -> MergeResult:
         """The learned merge, with its coefficient table for the record and the plots."""
@@ -118,8 +125,8 @@ class LearnedMethod:
         return MergeResult(merged, params, record, record["coefficients"], trainer, init)
 
     def pool_for_learning(self, run: Run):
-        """The pool the coefficients are learned over (methods with a first pass on the task vectors override it)."""
-        return run.pool
+        """The pool the coefficients are learned over: the task vectors, through ``transform`` when one is set."""
+        return run.pool if self.transform is None else self.first_pass.transform(run.pool)
 
     def merge(self, run: Run) -> MergeResult:
         merged = self.build(self.pool_for_learning(run))

@@ -16,6 +16,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from adamerge.core.factory import merged_model
@@ -121,6 +122,42 @@ def build_method(config: Mapping[str, Any]) -> Any:
     return spec.factory(name=spec.name, **options)
 
 
+def composes(spec: MethodSpec) -> bool:
+    """A static method composes with every learner when it can hand back per-task processed task vectors:
+    ``transform(pool) -> pool`` on its options class (``method.transform=<name>`` under any learned method)."""
+    return callable(getattr(spec.factory, "transform", None))
+
+
+def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
+    """The static method a learner's ``method.transform`` names, from its preset with the given options over it.
+
+    ``config`` is a method name (``tsv_m``: its ``conf/method/tsv_m.yaml`` as is) or a mapping with a ``name`` and
+    options that override the preset's (``{name: ties, density: 0.1}``).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from adamerge.cli import config_dir
+
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    options = {"name": config} if isinstance(config, str) else dict(config)
+    if "name" not in options:
+        raise ConfigError(f"method.transform needs a name (a static method: adamerge methods), got {config!r}")
+    spec = get_spec(options["name"])
+    if not composes(spec):
+        usable = sorted(s.name for s in methods() if composes(s))
+        raise ConfigError(
+            f"method.transform={spec.name!r}: {spec.name} has no per-task transform of the task vectors, so "
+            f"{learner!r} cannot learn over it; methods that compose: {usable} (config key: method.transform)"
+        )
+    preset = Path(config_dir()) / "method" / f"{spec.name}.yaml"
+    merged = {**(OmegaConf.to_container(OmegaConf.load(preset)) if preset.exists() else {}), **options}
+    try:
+        return build_method(merged)
+    except ConfigError as error:
+        raise ConfigError(f"in method.transform ({spec.name} under {learner!r}): {error}") from None
+
+
 def check_type(value: Any, hint: Any, key: str, method: str) -> None:
     """Fail naming ``key`` when ``value`` does not fit ``hint`` (plain types, unions, lists, dicts, Any)."""
     if not fits(value, hint):
@@ -175,6 +212,10 @@ class MergeResult:
         coefficients: expert -> group -> value, when the merge has a coefficient table (plotted).
         trainer: the Lightning trainer of the last training pass (loggers), if any.
         init_coefficients: a learned merge's starting coefficient table, judged beside it ("init, before training").
+        task_params: task -> the merge that task is judged with, for methods whose model is task-specific at
+            inference (TALL masks); ``params`` is then the one-model merge that is exported.
+        write_artifacts: writes method-specific files (e.g. compressed masks and their loader's inputs) into the
+            run's output folder, staged with the rest; called with that folder.
     """
 
     model: Any
@@ -183,6 +224,8 @@ class MergeResult:
     coefficients: dict | None = None
     trainer: Any = None
     init_coefficients: Any = None
+    task_params: dict[str, Any] | None = None
+    write_artifacts: Callable[[Any], None] | None = None
 
 
 def static_result(name: str, run, params, options: dict) -> MergeResult:

@@ -100,8 +100,14 @@ class ExpertAlignment:
         """Extra kwargs for the merged model's forward (MergeModule passes them): hidden states when aligned."""
         return {"output_hidden_states": True} if self.layer_spec is not None else {}
 
-    def bind(self, merged, datamodule=None, datasets: Mapping | None = None, pad_id: int | None = None):
+    def bind(
+        self, merged, datamodule=None, datasets: Mapping | None = None, pad_id: int | None = None, experts=None
+    ):
         """Attach the model (for lam and lam_init) and build the teacher from the calibration sets.
+
+        ``experts`` is the merged model whose one-hot tables are the experts (the teachers); default ``merged``.
+        A learner over transformed task vectors (``method.transform``) passes the raw pool's model here, so that
+        the merge is aligned with the real experts, not with their processed task vectors.
 
         ``datasets`` (task -> calibration dataset) defaults to ``datamodule.calib``, which the training batches'
         ``_index`` refers to. With ``generate``, the completed sets replace ``datamodule.calib`` (and are kept in
@@ -114,11 +120,12 @@ class ExpertAlignment:
             datasets = datamodule.calib
             pad_id = datamodule.pad_id if pad_id is None else pad_id
         pad_id = 0 if pad_id is None else pad_id
+        teachers = merged if experts is None else experts
         if self.generate:
             from adamerge.objectives.generation import with_expert_responses
 
             prompts = {t: d for t, d in datasets.items() if "response_mask" not in d.column_names}
-            datasets = dict(datasets) | with_expert_responses(merged, prompts, self.generate, pad_id)
+            datasets = dict(datasets) | with_expert_responses(teachers, prompts, self.generate, pad_id)
             if datamodule is not None:
                 datamodule.calib.update(datasets)
         self.datasets = dict(datasets)
@@ -128,12 +135,12 @@ class ExpertAlignment:
             first = next(iter(datasets))
             row = datasets[first][0]
             inputs = collate([row], [c for c in datasets[first].column_names if c in MODEL_INPUTS], pad_id)
-            inputs = {k: v.to(merged.coefficients.raw.device) for k, v in inputs.items()}
-            layers = probe_layers(merged, first, inputs, self.layer_spec)
-            self.teacher = OnlineTeacher(merged, datasets, layers, self.top_k)
+            inputs = {k: v.to(teachers.coefficients.raw.device) for k, v in inputs.items()}
+            layers = probe_layers(teachers, first, inputs, self.layer_spec)
+            self.teacher = OnlineTeacher(teachers, datasets, layers, self.top_k)
         else:
             self.teacher = build_teacher_cache(
-                merged, datasets, self.layer_spec, self.top_k, self.cache_dtype, self.batch_size, pad_id, self.cache_dir
+                teachers, datasets, self.layer_spec, self.top_k, self.cache_dtype, self.batch_size, pad_id, self.cache_dir
             )
         return self
 

@@ -1,0 +1,1 @@
+"""(being written: see issues 17 and 18)."""
