@@ -24,7 +24,7 @@ from adamerge.methods.doge import (
 )
 from adamerge.methods.doge_solvers import doge_objective, project_out, solve_batched, solve_reference
 from adamerge.methods.kernels import trim
-from adamerge.methods.registry import build_method, build_transform
+from adamerge.methods.registry import Run, build_method, build_transform
 from adamerge.methods.static import static_merge
 from tests.conftest import perturbed, tiny_bert_config
 
@@ -269,5 +269,5 @@ def test_method_configs_instantiate(pool):
     transform_cfg = OmegaConf.load(CONF / "doge_adamerging.yaml")
     assert list(transform_cfg.defaults) == ["adamerging", "_self_"]
     first_pass = build_transform({"name": transform_cfg.transform, "steps": 2}, "doge_adamerging")
-    transformed = first_pass.transform(pool)
+    transformed = first_pass.transform(Run(None, pool, None))
     assert transformed.task_vectors.keys() == pool.task_vectors.keys()

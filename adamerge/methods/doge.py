@@ -373,9 +373,9 @@ class Doge:
     def options(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
 
-    def transform(self, pool):
+    def transform(self, run: Run) -> ExpertPool:
         """Task vectors modified by DOGE's shared delta (its task-aware lam serves the solve only)."""
-        return doge_transform(pool, **self.options())
+        return doge_transform(run.pool, **self.options())
 
     def merge(self, run: Run) -> MergeResult:
         return static_result(self.name, run, doge_merge(run.pool, **self.options()), self.options())

@@ -126,7 +126,7 @@ class LearnedMethod:
 
     def pool_for_learning(self, run: Run):
         """The pool the coefficients are learned over: the task vectors, through ``transform`` when one is set."""
-        return run.pool if self.transform is None else self.first_pass.transform(run.pool)
+        return run.pool if self.transform is None else self.first_pass.transform(run)
 
     def merge(self, run: Run) -> MergeResult:
         merged = self.build(self.pool_for_learning(run))

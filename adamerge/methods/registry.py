@@ -124,7 +124,9 @@ def build_method(config: Mapping[str, Any]) -> Any:
 
 def composes(spec: MethodSpec) -> bool:
     """A static method composes with every learner when it can hand back per-task processed task vectors:
-    ``transform(pool) -> pool`` on its options class (``method.transform=<name>`` under any learned method)."""
+    ``transform(run) -> pool`` on its options class (``method.transform=<name>`` under any learned method). It reads
+    ``run.pool`` (and ``run.data``'s calibration sets, for a data-driven method) and returns the pool whose task
+    vectors the learner's coefficients multiply."""
     return callable(getattr(spec.factory, "transform", None))
 
 

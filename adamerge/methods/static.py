@@ -83,14 +83,14 @@ class TaskArithmeticFamily:
     def kernel_options(self) -> dict:
         return {k: getattr(self, k) for k in FAMILY_OPTIONS[self.name] if getattr(self, k) is not None}
 
-    def transform(self, pool: ExpertPool) -> ExpertPool:
+    def transform(self, run: Run) -> ExpertPool:
         """Per-task processed task vectors for a learner: TIES-trimmed with elected signs, DARE-dropped, or as they
         are (average, task arithmetic: learning over them is learning over the raw task vectors)."""
         if self.name == "ties":
-            return transform_pool(pool, "ties", density=self.density)
+            return transform_pool(run.pool, "ties", density=self.density)
         if self.name == "dare":
-            return transform_pool(pool, "dare", seed=self.seed or 0, drop_rate=self.drop_rate)
-        return pool
+            return transform_pool(run.pool, "dare", seed=self.seed or 0, drop_rate=self.drop_rate)
+        return run.pool
 
     def merge(self, run: Run) -> MergeResult:
         options = self.kernel_options()
