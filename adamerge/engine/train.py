@@ -19,9 +19,7 @@ from adamerge.engine.module import MergeModule
 log = logging.getLogger(__name__)
 
 
-def learn(
-    cfg: DictConfig, merged, datamodule, method, steps: int | None = None, quiet: bool = False, experts=None
-):
+def learn(cfg: DictConfig, merged, datamodule, method, steps: int | None = None, quiet: bool = False, experts=None):
     """Fit ``merged``'s coefficients with Lightning; resumes from ``cfg.ckpt_path`` (``last`` = the newest checkpoint).
 
     Args:

@@ -88,7 +88,10 @@ class LearnedMethod:
         return self.steps
 
     def options(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "name"}  # first_pass is not a field: not recorded
+        options = {k: v for k, v in asdict(self).items() if k != "name"}
+        if self.transform is not None:  # the record says which options the transform ran with, preset included
+            options["transform"] = {k: v for k, v in asdict(self.first_pass).items() if v is not None}
+        return options
 
     def build(self, pool, **overrides):
         """The learnable merged model over ``pool`` with these options (``overrides`` win)."""

@@ -77,6 +77,11 @@ class TaskArithmeticFamily:
                 raise ConfigError(f"method.{key} must be set for {self.name!r} (conf/method/{self.name}.yaml)")
             if value is not None and key not in allowed:
                 raise ConfigError(f"method.{key} does not apply to {self.name!r}; it reads only {list(allowed)}")
+        ranges = {"density": (lambda v: 0 < v <= 1, "in (0, 1]"), "drop_rate": (lambda v: 0 <= v < 1, "in [0, 1)")}
+        for key, (ok, where) in ranges.items():
+            value = getattr(self, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"method.{key}={value!r} must be {where} (method {self.name!r})")
 
     calibration_steps = 0
 

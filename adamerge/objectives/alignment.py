@@ -100,9 +100,7 @@ class ExpertAlignment:
         """Extra kwargs for the merged model's forward (MergeModule passes them): hidden states when aligned."""
         return {"output_hidden_states": True} if self.layer_spec is not None else {}
 
-    def bind(
-        self, merged, datamodule=None, datasets: Mapping | None = None, pad_id: int | None = None, experts=None
-    ):
+    def bind(self, merged, datamodule=None, datasets: Mapping | None = None, pad_id: int | None = None, experts=None):
         """Attach the model (for lam and lam_init) and build the teacher from the calibration sets.
 
         ``experts`` is the merged model whose one-hot tables are the experts (the teachers); default ``merged``.
@@ -140,7 +138,14 @@ class ExpertAlignment:
             self.teacher = OnlineTeacher(teachers, datasets, layers, self.top_k)
         else:
             self.teacher = build_teacher_cache(
-                teachers, datasets, self.layer_spec, self.top_k, self.cache_dtype, self.batch_size, pad_id, self.cache_dir
+                teachers,
+                datasets,
+                self.layer_spec,
+                self.top_k,
+                self.cache_dtype,
+                self.batch_size,
+                pad_id,
+                self.cache_dir,
             )
         return self
 
