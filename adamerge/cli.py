@@ -38,6 +38,8 @@ USAGE = """\
 usage: adamerge [OVERRIDE ...]            merge as configured (a Hydra app over conf/train.yaml)
        adamerge methods                   list the registered methods: kind, needs, description, paper
        adamerge estimate MODEL --experts K   memory plan of a merge, from the config only (no weights)
+       adamerge merge-files METHOD --base B --expert NAME=PATH ... --out DIR
+                                          a static merge tensor by tensor from safetensors (out-of-core)
 
 examples:
   adamerge experiment=tiny                             tiny BERT experts + synthetic data, < 1 min on a CPU
@@ -88,6 +90,11 @@ def main() -> None:
         from adamerge.estimate import main as estimate
 
         estimate(sys.argv[2:])
+        return
+    if command == "merge-files":  # out-of-core static merge: no Hydra, no pool
+        from adamerge.core.file_merge import main as merge_files
+
+        merge_files(sys.argv[2:])
         return
     import hydra
 

@@ -40,9 +40,9 @@ def test_a_transform_by_name_is_its_preset_and_options_override_it():
     [
         ("tiez", r"unknown method 'tiez'"),
         ("adamerging", r"method.transform='adamerging': adamerging has no per-task transform.*methods that compose"),
-        ("{name: ties, density: 2.0}", r"in method.transform \(ties under 'adamerging'\)"),
+        ("{name: ties, density: 2.0}", r"in method.transform under 'adamerging' \(ties\)"),
         ("{name: ties, densty: 0.1}", r"method.densty is not an option of method 'ties'"),
-        ("{density: 0.1}", r"method.transform needs a name"),
+        ("{density: 0.1}", r"method.transform under 'adamerging' needs a name"),
     ],
 )
 def test_a_bad_transform_fails_when_the_method_is_built(transform, message):

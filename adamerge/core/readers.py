@@ -68,6 +68,10 @@ class SafetensorsReader(TensorReader):
     def get(self, name: str) -> Tensor:
         return self._handles[self._where[name]].get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        """From the header: no tensor data is read."""
+        return list(self._handles[self._where[name]].get_slice(name).get_shape())
+
 
 class TorchStateReader(TensorReader):
     """PyTorch state-dict files (one, or the shards of an index); memory-mapped, so tensors are paged in on use."""

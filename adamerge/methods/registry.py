@@ -130,11 +130,11 @@ def composes(spec: MethodSpec) -> bool:
     return callable(getattr(spec.factory, "transform", None))
 
 
-def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
-    """The static method a learner's ``method.transform`` names, from its preset with the given options over it.
+def build_preset(config: str | Mapping[str, Any], where: str) -> Any:
+    """A method from its preset, ``conf/method/<name>.yaml``, with the given options over it.
 
-    ``config`` is a method name (``tsv_m``: its ``conf/method/tsv_m.yaml`` as is) or a mapping with a ``name`` and
-    options that override the preset's (``{name: ties, density: 0.1}``).
+    ``config`` is a method name (its preset as is) or a mapping with a ``name`` and options that override the
+    preset's (``{name: ties, density: 0.1}``); ``where`` names the config key or flag, for errors.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -144,20 +144,26 @@ def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
         config = OmegaConf.to_container(config, resolve=True)
     options = {"name": config} if isinstance(config, str) else dict(config)
     if "name" not in options:
-        raise ConfigError(f"method.transform needs a name (a static method: adamerge methods), got {config!r}")
+        raise ConfigError(f"{where} needs a name (a method: adamerge methods), got {config!r}")
     spec = get_spec(options["name"])
-    if not composes(spec):
-        usable = sorted(s.name for s in methods() if composes(s))
-        raise ConfigError(
-            f"method.transform={spec.name!r}: {spec.name} has no per-task transform of the task vectors, so "
-            f"{learner!r} cannot learn over it; methods that compose: {usable} (config key: method.transform)"
-        )
     preset = Path(config_dir()) / "method" / f"{spec.name}.yaml"
     merged = {**(OmegaConf.to_container(OmegaConf.load(preset)) if preset.exists() else {}), **options}
     try:
         return build_method(merged)
     except ConfigError as error:
-        raise ConfigError(f"in method.transform ({spec.name} under {learner!r}): {error}") from None
+        raise ConfigError(f"in {where} ({spec.name}): {error}") from None
+
+
+def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
+    """The static method a learner's ``method.transform`` names (``build_preset``), if it composes."""
+    name = config if isinstance(config, str) else config.get("name") if isinstance(config, Mapping) else None
+    if name is not None and not composes(get_spec(name)):
+        usable = sorted(s.name for s in methods() if composes(s))
+        raise ConfigError(
+            f"method.transform={name!r}: {name} has no per-task transform of the task vectors, so "
+            f"{learner!r} cannot learn over it; methods that compose: {usable} (config key: method.transform)"
+        )
+    return build_preset(config, f"method.transform under {learner!r}")
 
 
 def check_type(value: Any, hint: Any, key: str, method: str) -> None:

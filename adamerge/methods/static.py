@@ -97,6 +97,14 @@ class TaskArithmeticFamily:
             return transform_pool(run.pool, "dare", seed=self.seed or 0, drop_rate=self.drop_rate)
         return run.pool
 
+    def tensor_merge(self):
+        """The per-tensor merge for out-of-core merging (``adamerge merge-files``): (name, tau) -> delta. DARE's masks
+        come from one seeded generator, drawn in the order the tensors are merged."""
+        merge = get_merge(self.name)
+        kwargs = with_generator(self.name, self.seed or 0, self.kernel_options())
+        kwargs.pop("seed", None)
+        return lambda name, tau: merge(tau, **kwargs)
+
     def merge(self, run: Run) -> MergeResult:
         options = self.kernel_options()
         return static_result(self.name, run, static_merge(run.pool, self.name, **options), options)
