@@ -188,6 +188,8 @@ def test_bad_options_fail_naming_the_key(config, key):
         build_method(config)
 
 
+# slow: the first pipeline run of a process builds the tiny experts (~50 s on 2 shared cores), then ~3 s per run.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 @pytest.mark.parametrize("experiment", ["tiny", "tiny_lm"])
 def test_runs_through_the_pipeline(method, experiment, tmp_path):
@@ -204,6 +206,7 @@ def test_runs_through_the_pipeline(method, experiment, tmp_path):
     assert (tmp_path / "merged" / "model" / "config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", ["tsv_m", "iso_cts"])
 def test_a_learner_learns_over_the_transformed_task_vectors(transform, tmp_path):
     overrides = ["method=adamerging", f"method.transform={transform}", "method.steps=5", "experiment=tiny"]
