@@ -22,34 +22,36 @@ def example_files() -> dict[str, str]:
 
 
 @pytest.fixture
-def breadcrumbs(tmp_path, monkeypatch):
+def example(tmp_path, monkeypatch):
     files = example_files()
     assert set(files) == {
-        "adamerge/methods/breadcrumbs.py",
-        "conf/method/breadcrumbs.yaml",
-        "tests/test_breadcrumbs.py",
+        "adamerge/methods/example_median.py",
+        "conf/method/example_median.yaml",
+        "tests/test_example_median.py",
     }
-    source = tmp_path / "breadcrumbs.py"
-    source.write_text(files["adamerge/methods/breadcrumbs.py"])
-    spec = importlib.util.spec_from_file_location("adamerge.methods.breadcrumbs", source)
+    assert "example_median" not in REGISTRY  # the example's name must never be a shipped method's
+    source = tmp_path / "example_median.py"
+    source.write_text(files["adamerge/methods/example_median.py"])
+    spec = importlib.util.spec_from_file_location("adamerge.methods.example_median", source)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "adamerge.methods.breadcrumbs", module)
-    spec.loader.exec_module(module)  # registers "breadcrumbs"
+    monkeypatch.setitem(sys.modules, "adamerge.methods.example_median", module)
+    spec.loader.exec_module(module)  # registers "example_median"
     yield module, files
-    REGISTRY.pop("breadcrumbs", None)
+    REGISTRY.pop("example_median", None)
 
 
-def test_the_guide_example_registers_builds_merges_and_its_test_passes(breadcrumbs):
+def test_the_guide_example_registers_builds_merges_and_its_test_passes(example):
     from adamerge.testbeds.tiny import tiny_pool
 
-    module, files = breadcrumbs
-    assert REGISTRY["breadcrumbs"].kind == "static" and REGISTRY["breadcrumbs"].factory is module.Breadcrumbs
-    method = build_method(OmegaConf.create(files["conf/method/breadcrumbs.yaml"]))
+    module, files = example
+    assert REGISTRY["example_median"].kind == "static" and REGISTRY["example_median"].factory is module.MedianMerge
+    method = build_method(OmegaConf.create(files["conf/method/example_median.yaml"]))
     pool = tiny_pool(num_tasks=2)
     result = method.merge(Run(None, pool, None))
     base = pool.base_tensors()
     for name, tau in pool.task_vectors.items():
-        torch.testing.assert_close(result.params[name], base[name] + module.breadcrumbs(tau, 0.9, 0.01, 0.3))
+        # two experts: the median is their mean
+        torch.testing.assert_close(result.params[name], base[name] + tau.mean(0))
     namespace = {}
-    exec(compile(files["tests/test_breadcrumbs.py"], "test_breadcrumbs.py", "exec"), namespace)
-    namespace["test_breadcrumbs_drops_the_outlier_and_the_small_entries"]()
+    exec(compile(files["tests/test_example_median.py"], "test_example_median.py", "exec"), namespace)
+    namespace["test_median_merge_ignores_the_one_expert_that_moves_an_entry_far"]()
