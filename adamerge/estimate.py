@@ -9,6 +9,11 @@ The model is built on the ``meta`` device (shapes only). What a learned merge ho
   counts min(rank, m, n): an upper bound;
 - at each step the merged tensors theta(lambda) and, with the split backward, their gradients (``base_dtype``);
 - activations, which depend on the batch and are not counted here.
+
+The data-driven closed forms hold statistics instead (``statistics_plan``): RegMean one fp32 input Gram ``[d, d]``
+per merged linear layer and expert (a 7B Llama's ``down_proj`` reads 11008 features: 11008^2 floats per expert and
+layer), all of them at once after the per-expert passes; RegMean++ one stage's (a transformer block's) Grams for the
+K experts at a time; Fisher merging one fp32 Fisher per merged parameter and expert.
 """
 
 from __future__ import annotations
@@ -122,6 +127,42 @@ def memory_plan(
     return plan
 
 
+STATISTICS = ("regmean", "regmean_pp", "fisher")
+
+
+def statistics_plan(
+    model: torch.nn.Module,
+    num_experts: int,
+    method: str,
+    include: Iterable[str] = ("*",),
+    exclude: Iterable[str] = (),
+    head_patterns: Iterable[str] = DEFAULT_HEAD_PATTERNS,
+) -> dict[str, float]:
+    """Bytes of the statistics ``method`` holds at its peak (``statistics/peak``) and in all (``statistics/total``).
+
+    Grams are fp32 ``[d_in, d_in]`` per merged ``nn.Linear`` / ``Conv1D`` and expert. Layers that read one tensor
+    (query/key/value, gate/up) share a Gram at run time; from shapes alone that is unknown, so each layer's own Gram
+    is counted: an upper bound. The float64 solve adds at most ``adamerge.methods.regmean.SOLVE_BUDGET_BYTES``.
+    """
+    from adamerge.methods.statistics import linear_sites, stage_of
+
+    if method not in STATISTICS:
+        raise ValueError(f"unknown method {method!r} for statistics; choose one of {STATISTICS} (--statistics)")
+    params = dict(model.named_parameters())
+    names = select_merged_names(params, include, exclude, head_patterns)
+    if method == "fisher":
+        total = num_experts * sum(params[n].numel() for n in names) * 4
+        return {"statistics/peak": total, "statistics/total": total}
+    per_stage: dict[str, int] = {}
+    for module, site in linear_sites(model, names).items():
+        weight = params[site.weight]
+        d_in = weight.shape[0] if site.transposed else weight.shape[1]
+        per_stage[stage_of(module)] = per_stage.get(stage_of(module), 0) + num_experts * d_in * d_in * 4
+    total = sum(per_stage.values())
+    peak = max(per_stage.values(), default=0) if method == "regmean_pp" else total
+    return {"statistics/peak": peak, "statistics/total": total}
+
+
 def format_plan(plan: dict[str, float], title: str) -> str:
     lines = [title, f"{'component':<28}{'GiB':>10}"]
     for key, value in plan.items():
@@ -163,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         "--energy", type=float, help="lowrank: share of squared norm kept (method.energy); the plan is an upper bound"
     )
     parser.add_argument("--exclude", nargs="*", default=[], help="globs of tensors not merged")
+    parser.add_argument("--statistics", choices=STATISTICS, help="also the statistics of this data-driven method")
     args = parser.parse_args(argv)
     if args.storage == "lowrank" and args.rank is None and args.energy is None:
         parser.error("--storage lowrank needs --rank R and/or --energy E (the training's method.rank / method.energy)")
@@ -194,3 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.storage == "lowrank":
         print(lowrank_note(args.rank, args.energy))
+    if args.statistics:
+        stats = statistics_plan(model, args.experts, args.statistics, exclude=args.exclude)
+        print(
+            f"{args.statistics} statistics (fp32): peak {stats['statistics/peak'] / GIB:.2f} GiB, "
+            f"{stats['statistics/total'] / GIB:.2f} GiB in all"
+        )

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adamerge.core.merged import MergedModel
@@ -119,3 +120,30 @@ def test_estimate_of_a_missing_model_is_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--experts", "2"])  # a folder without a config
     assert f"{tmp_path}: cannot read a model config there" in capsys.readouterr().err
+
+
+def test_statistics_plan_counts_the_grams_and_fishers(tmp_path):
+    from adamerge.estimate import statistics_plan
+
+    tiny_llama_config(tie_word_embeddings=False).save_pretrained(tmp_path)
+    meta = meta_model(str(tmp_path), "transformers.LlamaForCausalLM")
+    # per layer: q, k, v, o, gate, up read 32 features, down_proj 64; lm_head 32; K=3 experts, fp32
+    layer = 6 * 32 * 32 + 64 * 64
+    regmean = statistics_plan(meta, 3, "regmean")
+    assert regmean["statistics/total"] == regmean["statistics/peak"] == 3 * 4 * (2 * layer + 32 * 32)
+    staged = statistics_plan(meta, 3, "regmean_pp")
+    assert staged["statistics/total"] == regmean["statistics/total"] and staged["statistics/peak"] == 3 * 4 * layer
+    fisher = statistics_plan(meta, 3, "fisher")
+    assert fisher["statistics/peak"] == 3 * 4 * sum(p.numel() for p in meta.parameters())
+
+
+def test_a_7b_llama_down_proj_gram_is_11008_squared_floats_per_expert():
+    from transformers import LlamaConfig
+
+    from adamerge.estimate import statistics_plan
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    only_down = statistics_plan(model, 2, "regmean_pp", include=["*down_proj.weight"])
+    assert only_down["statistics/peak"] == 2 * 11008**2 * 4
