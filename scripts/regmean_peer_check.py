@@ -55,12 +55,13 @@ FB_CODE = textwrap.dedent(
         torch.set_num_threads(1)
         models = [BertForSequenceClassification.from_pretrained(f).eval() for f in state["folders"]]
         trainers = [Trainer(state["batches"][t]) for t in state["tasks"]]
-        times, merged = [], None
+        times, cpu, merged = [], [], None
         for _ in range(state["repeats"]):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             merged = regmean_merging(models, trainers, ["classifier.*"], [state["examples"]] * len(models), state["alpha"])
             times.append(time.perf_counter() - start)
-        torch.save({"times": times, "merged": merged}, out)
+            cpu.append(time.process_time() - start_cpu)
+        torch.save({"times": times, "cpu": cpu, "merged": merged}, out)
     """
 )
 
@@ -125,11 +126,12 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
     data.setup("fit")
     run = SimpleNamespace(pool=pool, data=data, cfg=None)
     method = RegMean("regmean", reduce_non_diagonal_ratio=alpha, num_examples=examples)
-    ours, deltas = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
+    ours, ours_cpu, deltas = [], [], None
+    for _ in range(repeats):  # wall and CPU time: on a shared machine the CPU time is the steadier of the two
+        start, start_cpu = time.perf_counter(), time.process_time()
         deltas = method.deltas(run)
         ours.append(time.perf_counter() - start)
+        ours_cpu.append(time.process_time() - start_cpu)
     folders = [str(p) for p in sorted(cache.glob("experts/*/debian_section"))[:1]]
     root = Path(folders[0]).parent
     batches = {
@@ -156,6 +158,10 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
         "fusionbench_s": theirs["times"],
         "ours_median_s": statistics.median(ours),
         "fusionbench_median_s": statistics.median(theirs["times"]),
+        "ours_cpu_s": ours_cpu,
+        "fusionbench_cpu_s": theirs["cpu"],
+        "ours_cpu_median_s": statistics.median(ours_cpu),
+        "fusionbench_cpu_median_s": statistics.median(theirs["cpu"]),
         "tokens_note": "ours skips padding tokens, FusionBench counts them: the merges differ by that (max |diff| below)",
         "max_abs_diff_real_experts": max(diffs.values()) if diffs else None,
         "compared_tensors": len(diffs),
