@@ -111,6 +111,11 @@ def test_fisher_runs_on_the_tiny_llama(tmp_path):
 
 
 def test_fisher_composes_under_a_learner(tmp_path):
-    overrides = ["method=adamerging", "method.transform={name: fisher, num_examples: 16}", "method.steps=3", "experiment=tiny"]
+    overrides = [
+        "method=adamerging",
+        "method.transform={name: fisher, num_examples: 16}",
+        "method.steps=3",
+        "experiment=tiny",
+    ]
     result = run(make_cfg(*overrides, f"paths.output_dir={tmp_path}", "~logger"))
     assert math.isfinite({row["method"]: row for row in result["table"]}["adamerging"]["avg"])
