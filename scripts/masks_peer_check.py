@@ -145,12 +145,22 @@ def check(fb_python: str, lam: float, k: int) -> None:
     tall = ours_on(base, pool, "tall_masks", mask_lambda=lam)
     cons = ours_on(base, pool, "consensus", mask_lambda=lam, k=k, weights=1.0)
     print(f"TALL masks (lambda={lam}) and Consensus (k={k}): max |ours - FusionBench| per tensor")
-    print(f"{'tensor':<16} {'tall (flat utils)':>18} {'tall (algorithm)':>18} {'consensus':>12}")
-    for name in pool.task_vectors:
+    header = ["tall (flat utils)", "tall (algorithm)", "algorithm's rule", "consensus"]
+    print(f"{'tensor':<16}" + "".join(f"{h:>19}" for h in header))
+    for name, tau in pool.task_vectors.items():
         flat = max(float((tall.task_params[t][name] - theirs["flat"][t][name]).abs().max()) for t in pool.experts)
         algo = max(float((tall.task_params[t][name] - theirs["state_dict"][t][name]).abs().max()) for t in pool.experts)
+        # the algorithm class's rule, |theta_0 - tau_t| > lambda |tau_MTL - tau_t|, written out here: it matches
+        mtl = tau.sum(0)
+        rule = [
+            base[name] + torch.where((base[name] - tau[i]).abs() > lam * (mtl - tau[i]).abs(), mtl, 0)
+            for i in range(len(tau))
+        ]
+        algo_rule = max(
+            float((rule[i] - theirs["state_dict"][t][name]).abs().max()) for i, t in enumerate(pool.experts)
+        )
         consensus = float((cons.params[name] - theirs["consensus"][name]).abs().max())
-        print(f"{name:<16} {flat:>18.2e} {algo:>18.2e} {consensus:>12.2e}")
+        print(f"{name:<16}" + "".join(f"{v:>19.2e}" for v in (flat, algo, algo_rule, consensus)))
     print(
         "tall (algorithm): FusionBench's TallMaskTaskArithmeticAlgorithm passes theta_0 where the paper's eq. has the "
         "task vector's origin (|theta_0 - tau_t| instead of |tau_t|), so its masks differ by definition; its flat "
@@ -165,8 +175,8 @@ def minilm_pool(num_experts: int) -> ExpertPool:
     from adamerge.testbeds.minilm import MODEL_CLASS
 
     folders = {t.name: str(t) for t in sorted(CACHE.iterdir()) if (t / "config.json").exists()}
-    first = Path(next(iter(folders.values())), "config.json")
-    labels = len(json.loads(first.read_text())["id2label"])
+    config = json.loads(Path(next(iter(folders.values())), "config.json").read_text())
+    labels = len(config.get("id2label", {})) or 2  # the base's head slot only; heads are never merged
     pool = load_pool(minilm_path(), folders, MODEL_CLASS, {"num_labels": labels})
     if num_experts > pool.num_experts:  # perturbed copies: timing only needs the shapes
         g = torch.Generator().manual_seed(0)
