@@ -320,3 +320,20 @@ def test_bad_tau():
         elect_sign(torch.zeros(0, 3))
     with pytest.raises(ValueError, match=r"sign must have shape \[4\]"):
         disjoint_mean(TAU3, torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_by_row_trim_and_merge_equal_the_batched_ones(monkeypatch, dtype):
+    """Big tensors are trimmed and merged one expert at a time (bounded memory): bitwise the same result."""
+    from adamerge.methods import kernels
+
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(4, 40, 30, generator=g).to(dtype)
+    tau[:, 0] = 0
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    monkeypatch.setattr(kernels, "ROW_BY_ROW", 10**9)
+    batched = [kernels.ties(tau, 0.3), kernels.ties(tau, 0.3, weights), kernels.ties_transform(tau, 0.3)]
+    monkeypatch.setattr(kernels, "ROW_BY_ROW", 1)
+    rows = [kernels.ties(tau, 0.3), kernels.ties(tau, 0.3, weights), kernels.ties_transform(tau, 0.3)]
+    for a, b in zip(batched, rows, strict=True):
+        assert torch.equal(a, b)

@@ -91,7 +91,12 @@ def check_keys(base: SafetensorsReader, experts: Mapping[str, SafetensorsReader]
 
 def task_vector_stack(name: str, theta0: Tensor, experts: Mapping[str, SafetensorsReader]) -> Tensor:
     """``[K, *shape]`` fp32 stack of ``theta_k - theta_0`` for one tensor, read one expert at a time."""
-    return torch.stack([reader.get(name).float() - theta0.float() for reader in experts.values()])
+    base = theta0.float()
+    stack = torch.empty((len(experts), *theta0.shape), dtype=torch.float32)  # filled in place: no second copy
+    for k, reader in enumerate(experts.values()):
+        stack[k] = reader.get(name)
+        stack[k] -= base
+    return stack
 
 
 def merge_files(

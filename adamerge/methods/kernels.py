@@ -47,6 +47,10 @@ __all__ = [
 DEFAULT_DENSITY = 0.2
 """TIES keeps the top 20% of each task vector by magnitude, the paper's default ``k``."""
 
+ROW_BY_ROW = 2**16
+"""Tensors of at least this many entries are trimmed and merged one expert at a time: temporaries of one row instead
+of the whole ``[K, n]`` stack (a 7B embedding's merge in ``adamerge merge-files``), with bitwise the same result."""
+
 DEFAULT_DROP_RATE = 0.9
 """DARE's headline setting (Yu et al.): rescaled dropping of 90% of an SFT delta keeps the expert's ability
 because SFT deltas are small. Fully fine-tuned vision task vectors (e.g. CLIP experts) are larger and the paper
@@ -147,9 +151,16 @@ def trim(tau: Tensor, density: float) -> Tensor:
     keep = max(1, round(density * n))
     if keep >= n:
         return tau
-    idx = flat.abs().topk(keep, dim=1, sorted=False).indices  # (K, keep)
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=tau.device).scatter_(1, idx, True)
-    return torch.where(mask, flat, 0).view(tau.shape)
+    if n < ROW_BY_ROW:
+        idx = flat.abs().topk(keep, dim=1, sorted=False).indices  # (K, keep)
+        mask = torch.zeros(flat.shape, dtype=torch.bool, device=tau.device).scatter_(1, idx, True)
+        return torch.where(mask, flat, 0).view(tau.shape)
+    out = torch.empty_like(flat)  # filled one expert at a time (ROW_BY_ROW)
+    for k, row in enumerate(flat):
+        mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
+        mask[row.abs().topk(keep, sorted=False).indices] = True
+        out[k] = torch.where(mask, row, 0)
+    return out.view(tau.shape)
 
 
 def elect_sign(tau: Tensor) -> Tensor:
@@ -185,9 +196,20 @@ def disjoint_mean(tau: Tensor, sign: Tensor) -> Tensor:
     _check_stack(tau)
     if sign.shape != tau.shape[1:]:
         raise ValueError(f"sign must have shape {list(tau.shape[1:])} (tau without K), got {list(sign.shape)}")
-    agree = _agrees(tau, sign)
-    count = agree.sum(0).clamp(min=1).to(tau.dtype)
-    return torch.where(agree, tau, 0).sum(0) / count
+    if tau[0].numel() < ROW_BY_ROW:
+        agree = _agrees(tau, sign)
+        return torch.where(agree, tau, 0).sum(0) / agree.sum(0).clamp(min=1).to(tau.dtype)
+    # Accumulated expert by expert: n-sized temporaries instead of [K, n] ones (the same sums in the same order as
+    # torch's outer-dim sum; half precision accumulates in fp32 and rounds once, as that sum does).
+    accumulate = torch.float32 if tau.dtype in (torch.float16, torch.bfloat16) else tau.dtype
+    total = None
+    count = torch.zeros(sign.shape, dtype=torch.int16, device=tau.device)  # <= K; int64 would double the memory
+    for row in tau:
+        agree = _agrees(row, sign)
+        kept = torch.where(agree, row, 0).to(accumulate)
+        total = kept if total is None else total + kept
+        count += agree
+    return total.to(tau.dtype) / count.clamp(min=1).to(tau.dtype)
 
 
 def ties(tau: Tensor, density: float = DEFAULT_DENSITY, weights: Tensor | float = 1.0) -> Tensor:
@@ -207,8 +229,9 @@ def ties(tau: Tensor, density: float = DEFAULT_DENSITY, weights: Tensor | float 
         The merged delta, shape ``shape``.
     """
     _check_stack(tau)
-    w = _per_expert(_expert_weights(weights, tau), tau)
-    weighted = trim(tau, density) * w
+    trimmed = trim(tau, density)
+    unit = not isinstance(weights, Tensor) and weights == 1.0  # lam = 1 (the paper's): no [K, n] product
+    weighted = trimmed if unit else trimmed * _per_expert(_expert_weights(weights, tau), tau)
     return disjoint_mean(weighted, elect_sign(weighted))
 
 
