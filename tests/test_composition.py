@@ -118,3 +118,17 @@ def test_a_learner_over_a_transform_runs_through_the_pipeline(tmp_path):
     assert result["coefficients"]["options"]["transform"]["name"] == "ties"
     rows = {row["method"]: row for row in result["table"]}
     assert "expert_merging" in rows and 0 < rows["expert_merging"]["avg"] <= 1
+
+
+def test_a_transform_preset_reads_the_runs_seed():
+    """conf/method/dare.yaml says seed: ${seed}: as a transform it is the run's seed, so a seed sweep varies the masks."""
+    from omegaconf import OmegaConf
+
+    pool = tiny_pool(num_tasks=2)
+    method = learner("method.transform=dare")
+    assert method.first_pass.seed == 0  # checked at build time with a placeholder seed
+    masks = [
+        method.pool_for_learning(Run(OmegaConf.create({"seed": seed}), pool, None)).task_vectors for seed in (0, 0, 1)
+    ]
+    name = next(iter(pool.task_vectors))
+    assert torch.equal(masks[0][name], masks[1][name]) and not torch.equal(masks[0][name], masks[2][name])

@@ -129,7 +129,10 @@ class LearnedMethod:
 
     def pool_for_learning(self, run: Run):
         """The pool the coefficients are learned over: the task vectors, through ``transform`` when one is set."""
-        return run.pool if self.transform is None else self.first_pass.transform(run)
+        if self.transform is None:
+            return run.pool
+        seed = run.cfg.seed if run.cfg is not None else 0  # a preset's ${seed} is the run's (built at 0 for checks)
+        return build_transform(self.transform, self.name, seed).transform(run)
 
     def merge(self, run: Run) -> MergeResult:
         merged = self.build(self.pool_for_learning(run))

@@ -130,11 +130,12 @@ def composes(spec: MethodSpec) -> bool:
     return callable(getattr(spec.factory, "transform", None))
 
 
-def build_preset(config: str | Mapping[str, Any], where: str) -> Any:
+def build_preset(config: str | Mapping[str, Any], where: str, seed: int = 0) -> Any:
     """A method from its preset, ``conf/method/<name>.yaml``, with the given options over it.
 
     ``config`` is a method name (its preset as is) or a mapping with a ``name`` and options that override the
-    preset's (``{name: ties, density: 0.1}``); ``where`` names the config key or flag, for errors.
+    preset's (``{name: ties, density: 0.1}``); ``where`` names the config key or flag, for errors; ``seed`` is what
+    a preset's ``${seed}`` means (the run's seed: DARE's masks).
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -147,14 +148,15 @@ def build_preset(config: str | Mapping[str, Any], where: str) -> Any:
         raise ConfigError(f"{where} needs a name (a method: adamerge methods), got {config!r}")
     spec = get_spec(options["name"])
     preset = Path(config_dir()) / "method" / f"{spec.name}.yaml"
-    merged = {**(OmegaConf.to_container(OmegaConf.load(preset)) if preset.exists() else {}), **options}
+    values = OmegaConf.create({"seed": seed, "method": OmegaConf.load(preset) if preset.exists() else {}})
+    merged = {**OmegaConf.to_container(values.method, resolve=True), **options}
     try:
         return build_method(merged)
     except ConfigError as error:
         raise ConfigError(f"in {where} ({spec.name}): {error}") from None
 
 
-def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
+def build_transform(config: str | Mapping[str, Any], learner: str, seed: int = 0) -> Any:
     """The static method a learner's ``method.transform`` names (``build_preset``), if it composes."""
     name = config if isinstance(config, str) else config.get("name") if isinstance(config, Mapping) else None
     if name is not None and not composes(get_spec(name)):
@@ -163,7 +165,7 @@ def build_transform(config: str | Mapping[str, Any], learner: str) -> Any:
             f"method.transform={name!r}: {name} has no per-task transform of the task vectors, so "
             f"{learner!r} cannot learn over it; methods that compose: {usable} (config key: method.transform)"
         )
-    return build_preset(config, f"method.transform under {learner!r}")
+    return build_preset(config, f"method.transform under {learner!r}", seed)
 
 
 def check_type(value: Any, hint: Any, key: str, method: str) -> None:
