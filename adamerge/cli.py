@@ -1,23 +1,16 @@
-"""The ``adamerge`` command: a Hydra app over ``conf/`` (shipped in the package as ``adamerge.conf``), plus two
-subcommands that need no config: ``methods`` (the registry) and ``estimate`` (a memory plan)."""
+"""The ``adamerge`` command: a Hydra app over ``conf/`` (shipped in the package as ``adamerge.conf``), plus
+subcommands that need no config: ``methods`` (the registry), ``estimate`` (a memory plan) and ``merge-files`` (an
+out-of-core static merge)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from adamerge.config_files import config_dir
+
 log = logging.getLogger(__name__)
-
-
-def config_dir() -> str:
-    """``conf/`` beside the package (editable install) or inside it (wheel)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").exists():
-            return str(candidate)
-    raise FileNotFoundError(f"adamerge's conf/ not found next to {here}; reinstall the package")
 
 
 def auto_precision() -> str:
@@ -92,7 +85,7 @@ def main() -> None:
         estimate(sys.argv[2:])
         return
     if command == "merge-files":  # out-of-core static merge: no Hydra, no pool
-        from adamerge.core.file_merge import main as merge_files
+        from adamerge.methods.file_merge import main as merge_files
 
         merge_files(sys.argv[2:])
         return

@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.002, help="std of each expert's noise (its task vector)")
     parser.add_argument("--layers", type=int, help="fewer layers than SmolLM2-135M's 30 (a quicker run)")
     parser.add_argument(
-        "--dtype", default="bfloat16", help="of the saved models; float32 makes the agreement check exact (no bf16 ties)"
+        "--dtype",
+        default="bfloat16",
+        help="of the saved models; float32 makes the agreement check exact (no bf16 ties)",
     )
     parser.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     args = parser.parse_args()
@@ -120,7 +122,9 @@ def main() -> None:
         theirs = [args.mergekit, str(root / "ties.yml"), str(root / "mergekit_out"), "--copy-tokenizer"]
         rows["mergekit-yaml"] = timed(theirs)
         result["agreement"] = compare(root / "adamerge_out", root / "mergekit_out")
-    print(f"\nTIES (density {args.density}) of K={args.experts} experts, each {size_mib:.0f} MiB ({args.dtype} safetensors)\n")
+    print(
+        f"\nTIES (density {args.density}) of K={args.experts} experts, each {size_mib:.0f} MiB ({args.dtype} safetensors)\n"
+    )
     print("| merger | wall s | peak RSS MiB |\n|---|---|---|")
     for name, (wall, rss) in rows.items():
         print(f"| {name} | {wall:.1f} | {rss:.0f} |")

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from adamerge.core.file_merge import main, merge_files
 from adamerge.core.weight_files import PoolError
+from adamerge.methods.file_merge import main, merge_files
 from adamerge.methods.kernels import task_arithmetic, ties
 from adamerge.methods.registry import build_method
 from adamerge.testbeds.tiny_lm import tiny_llama_config

@@ -139,7 +139,7 @@ def build_preset(config: str | Mapping[str, Any], where: str, seed: int = 0) -> 
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from adamerge.cli import config_dir
+    from adamerge.config_files import config_dir
 
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
