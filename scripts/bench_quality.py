@@ -37,6 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="seeds of the learned methods")
     p.add_argument("--steps", type=int, default=None, help="learned methods' steps (default: the experiment's)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods to run")
+    p.add_argument(
+        "--compose",
+        default="",
+        help="learners over static methods' per-task vectors, e.g. adamerging/tsv_m,adamerging/ties "
+        "(method.transform; rows named 'adamerging over tsv_m')",
+    )
     p.add_argument("--max-eval", type=int, default=None, help="cap on test examples per task")
     p.add_argument("--multitask", action="store_true", help="also build and judge the multi-task model")
     p.add_argument("--out", default="bench_quality.md", help="markdown table (JSON beside it)")
@@ -92,6 +98,13 @@ def run_bench(args) -> dict:
     cfg = compose_cfg(base + [o for o in args.overrides if not o.lstrip("+~").startswith("method.")])
     base += args.overrides
     wanted = set(args.methods.split(",")) if args.methods else None
+    registered = {spec.name: spec for spec in methods()}
+    pairs = [pair.split("/") for pair in args.compose.split(",") if pair]
+    unknown = sorted((wanted or set()) - set(registered)) + sorted(
+        {n for pair in pairs for n in pair} - set(registered)
+    )
+    if unknown or any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"unknown methods {unknown} or malformed --compose {args.compose!r}; see `adamerge methods`")
     results: dict[str, dict] = {}
     partial = Path(args.out).with_suffix(".partial.json")
 
@@ -140,13 +153,23 @@ def run_bench(args) -> dict:
         record(f"task arithmetic (lam={best:g}, grid on calib labels)", [accs], [], 0, wall, grid=grid)
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    for spec in methods():
+    for spec in registered.values():
         if wanted is None or spec.name in wanted:
-            run_method(spec, seeds if spec.kind == "learned" else [None], args, base, work, pool, evaluator, record)
+            run_method(spec, seeds if random(spec) else [None], args, base, work, pool, evaluator, record)
+    for learner, transform in pairs:
+        spec = registered[learner]
+        extra = [f"method.transform={transform}"]
+        run_method(spec, seeds, args, base, work, pool, evaluator, record, extra, f"{learner} over {transform}")
     return {"tasks": tasks, "results": results, "reference_s": ref_s, "config": str(cfg.experts.recipe)}
 
 
-def run_method(spec, seeds, args, base, work, pool, evaluator, record) -> None:
+def random(spec) -> bool:
+    """Learned methods (the seed orders the calibration stream) and methods with a ``seed`` option (DARE, DELLA) run
+    over the seeds."""
+    return spec.kind == "learned" or "seed" in {f.name for f in dataclasses.fields(spec.factory)}
+
+
+def run_method(spec, seeds, args, base, work, pool, evaluator, record, extra=(), name=None) -> None:
     """One registered method through ``method.merge``, over seeds for learned methods (the seed orders the
     calibration stream); the pool is shared. A first pass over the task vectors (AdaMerging++'s TIES, DOGE's delta)
     does not depend on the seed: it runs once and the seeds learn over its result."""
@@ -155,9 +178,10 @@ def run_method(spec, seeds, args, base, work, pool, evaluator, record) -> None:
 
     from adamerge.methods.registry import Run, build_method
 
-    accs, walls, coefs, steps, learned_pool = [], [], [], 0, None
+    name = name or spec.name
+    accs, per_task, walls, coefs, steps, learned_pool = [], [], [], [], 0, None
     for seed in seeds:
-        over = base + [f"method={spec.name}", f"paths.output_dir={work / spec.name / str(seed)}"]
+        over = base + [f"method={spec.name}", *extra, f"paths.output_dir={work / name / str(seed)}"]
         over += [f"seed={seed}"] if seed is not None else []
         if args.steps is not None and spec.kind == "learned":
             over.append(f"method.steps={args.steps}")
@@ -168,17 +192,22 @@ def run_method(spec, seeds, args, base, work, pool, evaluator, record) -> None:
         data.setup("fit")
         t = time.perf_counter()
         if getattr(method, "transform", None) is not None:
-            learned_pool = learned_pool or method.pool_for_learning(Run(mcfg, pool, None))
+            learned_pool = learned_pool or method.pool_for_learning(Run(mcfg, pool, data))
             method = dataclasses.replace(method, transform=None)
         torch.manual_seed(mcfg.seed)
         result = method.merge(Run(mcfg, learned_pool or pool, data))
         walls.append(time.perf_counter() - t)
         accs.append(accuracies(evaluator.evaluate(result.model, result.params, data)))
+        if result.task_params is not None:  # each task through its own merge (TALL masks)
+            own = {t: evaluator.evaluate(result.model, p, data, [t])[t] for t, p in result.task_params.items()}
+            per_task.append(accuracies(own))
         coefs.append(result.coefficients)
-        log.info("%s seed %s: %s (%.0f s)", spec.name, seed, accs[-1], walls[-1])
+        log.info("%s seed %s: %s (%.0f s)", name, seed, accs[-1], walls[-1])
     lr = method.optimizer["lr"] if spec.kind == "learned" else None
     used = [mcfg.seed] if seeds == [None] else seeds
-    record(spec.name, accs, used, steps, statistics.mean(walls), lr=lr, coefficients=coefs)
+    record(name, accs, used, steps, statistics.mean(walls), lr=lr, coefficients=coefs)
+    if per_task:
+        record(f"{name} (per-task)", per_task, used, steps, statistics.mean(walls))
 
 
 def table(bench: dict) -> list[dict]:

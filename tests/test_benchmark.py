@@ -122,10 +122,27 @@ def test_whole_benchmark_reduced(tmp_path, cache):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.md"
     recipe = [f"experts.recipe.{k}={v}" for k, v in (TINY_RECIPE | {"steps": 10, "max_train": 256}).items()]
-    bench.main(["--seeds", "0,1", "--steps", "4", "--max-eval", "64", "--multitask", "--out", str(out), *recipe])
+    args = ["--seeds", "0,1", "--steps", "4", "--max-eval", "64", "--multitask", "--compose", "adamerging/ties"]
+    bench.main([*args, "--out", str(out), *recipe])
     text = out.read_text()
-    for name in ["floor", "expert", "multi-task", "grid on calib", "average", "ties", "dare", "adamerging_pp"]:
+    names = ["floor", "expert", "multi-task", "grid on calib", "average", "ties", "dare", "adamerging_pp"]
+    for name in names + ["tsv_m", "regmean_pp", "fisher", "tall_masks (per-task)", "adamerging over ties"]:
         assert name in text, name
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["results"]["adamerging"]["seeds"] == [0, 1]
     assert len(record["results"]["adamerging"]["accs"]) == 2
+
+
+def test_bench_quality_refuses_unknown_methods_before_any_work():
+    """It used to skip a misspelled --methods name silently (and run nothing for it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match=r"unknown methods \['tiez'\]"):
+        bench.main(["--methods", "ties,tiez", "experts.cache_dir=/nonexistent"])
+    with pytest.raises(SystemExit, match=r"malformed --compose"):
+        bench.main(["--compose", "adamerging", "experts.cache_dir=/nonexistent"])
