@@ -101,7 +101,6 @@ def test_lines_runs_through_the_pipeline_on_tiny(tmp_path):
     assert rows["lines"]["avg_normalized"] >= rows["base + heads (floor)"]["avg_normalized"]
 
 
-@pytest.mark.slow
 def test_lines_runs_through_the_pipeline_on_tiny_lm(tmp_path):
     result = run(make_cfg("method=lines", "experiment=tiny_lm", f"paths.output_dir={tmp_path}", "~logger"))
     rows = {row["method"]: row for row in result["table"]}

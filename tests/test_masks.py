@@ -215,9 +215,7 @@ def test_transform_rows_sum_to_the_merge_where_the_merge_is_a_sum(name):
             torch.testing.assert_close(base[tensor] + stack_.sum(0), merged[tensor])
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(m, marks=[] if m == "tall_masks" else pytest.mark.slow) for m in METHODS]
-)
+@pytest.mark.parametrize("name", METHODS)
 def test_method_runs_through_the_pipeline_on_tiny(name, tmp_path):
     result = run(make_cfg(f"method={name}", "experiment=tiny", f"paths.output_dir={tmp_path}", "~logger"))
     rows = {row["method"]: row for row in result["table"]}
@@ -231,7 +229,6 @@ def test_method_runs_through_the_pipeline_on_tiny(name, tmp_path):
         assert (tmp_path / "tall_masks.safetensors").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_method_runs_through_the_pipeline_on_tiny_lm(name, tmp_path):
     result = run(make_cfg(f"method={name}", "experiment=tiny_lm", f"paths.output_dir={tmp_path}", "~logger"))

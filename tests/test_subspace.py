@@ -189,7 +189,6 @@ def test_bad_options_fail_naming_the_key(config, key):
 
 
 # slow: the first pipeline run of a process builds the tiny experts (~50 s on 2 shared cores), then ~3 s per run.
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 @pytest.mark.parametrize("experiment", ["tiny", "tiny_lm"])
 def test_runs_through_the_pipeline(method, experiment, tmp_path):

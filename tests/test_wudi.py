@@ -109,7 +109,6 @@ def test_bad_options_fail_naming_the_key(config, key):
 
 
 # slow: the first pipeline run of a process builds the tiny experts (~50 s on 2 shared cores), then ~3 s per run.
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["tiny", "tiny_lm"])
 def test_runs_through_the_pipeline(experiment, tmp_path):
     result = run(make_cfg("method=wudi", f"experiment={experiment}", f"paths.output_dir={tmp_path}", "~logger"))
