@@ -191,7 +191,7 @@ def run_method(spec, seeds, args, base, work, pool, evaluator, record, extra=(),
         data = instantiate(mcfg.data, num_steps=steps)
         data.setup("fit")
         t = time.perf_counter()
-        if getattr(method, "transform", None) is not None:
+        if spec.kind == "learned" and method.transform is not None:  # a static method's transform is its protocol
             learned_pool = learned_pool or method.pool_for_learning(Run(mcfg, pool, data))
             method = dataclasses.replace(method, transform=None)
         torch.manual_seed(mcfg.seed)
