@@ -3,6 +3,10 @@
 python scripts/train_experts.py                                  # the 4-task default set
 python scripts/train_experts.py --tasks all --multitask          # every task + the multi-task reference
 python scripts/train_experts.py --heads cotrained                # heads trained with the backbone (bad for merging)
+python scripts/train_experts.py --preset hard                    # the hard benchmark's 7 experts (conf/experts)
+python scripts/train_experts.py --data-dir my_tasks --tasks all  # your own tasks (scripts/build_text_tasks.py --out)
+
+Each expert's recipe.json keeps its learning curve (calib accuracy during fine-tuning) and its training time.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import logging
 import time
 
-DEFAULT_TASKS = ["debian_section", "wordnet_supersense", "manpage_section", "vader_movies"]
+PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,17 +25,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     default = Recipe()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task names, or 'all'")
+    p.add_argument("--tasks", default=None, help="comma-separated task names, or 'all' (default: the preset's)")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="recipe and tasks to start from")
+    p.add_argument("--data-dir", default=None, help="folder of your own tasks (default: the shipped ones)")
     p.add_argument("--base", default=None, help="hub id or folder of the base (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--cache-dir", default=None, help="cache root (default: $ADAMERGE_CACHE or ~/.cache/adamerge)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--multitask", action="store_true", help="also train the multi-task reference model")
-    p.add_argument("--heads", default=default.heads, choices=HEAD_MODES)
+    p.add_argument("--heads", default=None, choices=HEAD_MODES)
     for field in ("steps", "lr", "batch_size", "max_length", "probe_steps", "max_train", "num_hidden_layers", "seed"):
         value = getattr(default, field)
         kind = float if isinstance(value, float) else int
-        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None, help=f"recipe.{field} ({value})")
     return p.parse_args(argv)
+
+
+def preset(name: str) -> dict:
+    """The experts config of a preset (conf/experts/<file>.yaml): its tasks and recipe, as the benchmark uses them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from adamerge.cli import config_dir, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=minilm_text", f"experts={PRESETS[name]}"])
+    return OmegaConf.to_container(cfg.experts, resolve=True)
 
 
 def main(argv=None) -> None:
@@ -43,13 +62,17 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     args = parse_args(argv)
-    tasks = available_tasks() if args.tasks == "all" else args.tasks.split(",")
+    experts = preset(args.preset)
+    tasks = experts["tasks"] if args.tasks is None else args.tasks.split(",")
+    tasks = available_tasks(args.data_dir) if tasks == ["all"] else tasks
     fields = {f.name for f in dataclasses.fields(Recipe)}
-    recipe = Recipe(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    recipe = Recipe(**(experts["recipe"] | given))
+    where = (args.base, args.cache_dir, args.device, args.data_dir)
     start = time.perf_counter()
-    folders = {t: str(f) for t, f in build_experts(tasks, recipe, args.base, args.cache_dir, args.device).items()}
+    folders = {t: str(f) for t, f in build_experts(tasks, recipe, *where).items()}
     if args.multitask:
-        folders["_multitask"] = str(build_multitask(tasks, recipe, args.base, args.cache_dir, args.device))
+        folders["_multitask"] = str(build_multitask(tasks, recipe, *where))
     print(json.dumps({"recipe": dataclasses.asdict(recipe), "experts": folders}, indent=1))
     print(f"wall time: {time.perf_counter() - start:.0f} s")
 

@@ -7,7 +7,7 @@ no-merging floor. ``heads="cotrained"`` trains head and backbone together from a
 drift with their own backbone and merging suffers (kept as an option to show it).
 
 Experts are saved with ``save_pretrained`` (safetensors + tokenizer) under
-``<cache>/experts/<recipe hash>/<task>/`` (cache: env ``ADAMERGE_CACHE``, default ``~/.cache/adamerge``), so
+``<cache>/experts/<recipe hash>/<task>-<data hash>/`` (cache: env ``ADAMERGE_CACHE``, default ``~/.cache/adamerge``), so
 ``adamerge.core.pool.load_pool(base, {task: folder}, model_class="transformers.AutoModelForSequenceClassification")``
 reads them; each has its own number of labels, and the pool keeps each ``classifier.*`` apart (never merged).
 """
@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,13 +29,17 @@ from torch import Tensor, nn
 
 from adamerge.core.pool import ExpertPool, load_pool
 from adamerge.testbeds.assets import minilm_path
-from adamerge.testbeds.text_tasks import load_task
+from adamerge.testbeds.text_tasks import load_task, task_fingerprint
 
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "classifier."
 HEAD_MODES = ("frozen_probe", "cotrained")
 MODEL_CLASS = "transformers.AutoModelForSequenceClassification"
+RECIPE_VERSION = 2
+"""Bumped when the training code changes what a recipe produces (2: each expert's seed comes from its task name)."""
+CURVE_POINTS = 8
+"""Held-out (calib split) accuracy is measured this many times during fine-tuning and kept in recipe.json."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +71,14 @@ class Recipe:
             raise ValueError(f"bad recipe {self}: steps >= 0, probe_steps >= 0, batch_size >= 1, max_length >= 8")
 
     def key(self, base: str | None) -> str:
-        """Short hash of the recipe and the base it starts from."""
-        payload = json.dumps({"base": base, **dataclasses.asdict(self)}, sort_keys=True)
+        """Short hash of the recipe, the base it starts from and the training code's version."""
+        payload = json.dumps({"base": base, "version": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def task_seed(task: str) -> int:
+    """An expert's own seed, from its task's name: the same task trains the same expert whatever list it is in."""
+    return int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -142,9 +152,18 @@ def fit_probe(model: nn.Module, data: Mapping[str, Tensor], recipe: Recipe) -> N
 
 
 def finetune(
-    model: nn.Module, data: Mapping[str, Tensor], recipe: Recipe, train_head: bool, desc: str = "", seed: int = 0
+    model: nn.Module,
+    data: Mapping[str, Tensor],
+    recipe: Recipe,
+    train_head: bool,
+    desc: str = "",
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
-    """``recipe.steps`` AdamW steps of cross-entropy on random batches; the head trains only if ``train_head``."""
+    """``recipe.steps`` AdamW steps of cross-entropy on random batches; the head trains only if ``train_head``.
+
+    ``on_step(step)`` runs after each step (1-based), with the model in train mode (it may switch and restore it).
+    """
     from tqdm.auto import tqdm
 
     params = [p for n, p in model.named_parameters() if train_head or not n.startswith(HEAD_PREFIX)]
@@ -156,7 +175,7 @@ def finetune(
     device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(recipe.steps), desc=desc, leave=False)
-    for _ in bar:
+    for step in bar:
         idx = torch.randint(0, len(data["labels"]), (recipe.batch_size,), generator=g)
         batch = trim({k: v[idx] for k, v in data.items()})
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -165,6 +184,8 @@ def finetune(
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     model.requires_grad_(True)
 
@@ -175,8 +196,30 @@ def trim(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
 
 
-def train_expert(base: str, dataset, recipe: Recipe, device: str | None = None, seed: int = 0) -> nn.Module:
-    """One expert from a ``DatasetDict`` with a labelled ``train`` split (``text``, ``label`` ClassLabel)."""
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Mapping[str, Tensor], batch_size: int = 64) -> float:
+    """Accuracy of ``model`` on a labelled encoded split, dropout off (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data["labels"]), batch_size):
+        batch = trim({k: v[i : i + batch_size] for k, v in data.items()})
+        labels = batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+    model.train(was_training)
+    return correct / len(data["labels"])
+
+
+def train_expert(
+    base: str, dataset, recipe: Recipe, device: str | None = None, seed: int = 0
+) -> tuple[nn.Module, list[tuple[int, float]]]:
+    """One expert from a ``DatasetDict`` with a labelled ``train`` split (``text``, ``label`` ClassLabel).
+
+    Returns the model and its learning curve: ``(step, calib accuracy)`` at step 0 (the probe) and
+    :data:`CURVE_POINTS` times during fine-tuning, so a cached expert says whether its recipe had converged.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -185,8 +228,17 @@ def train_expert(base: str, dataset, recipe: Recipe, device: str | None = None, 
     data = encode(tokenizer, dataset["train"], recipe.max_length, recipe.max_train, recipe.seed)
     if recipe.heads == "frozen_probe":
         fit_probe(model, data, recipe)
-    finetune(model, data, recipe, train_head=recipe.heads == "cotrained", desc="fine-tune", seed=seed)
-    return model
+    held_out = encode(tokenizer, dataset["calib"], recipe.max_length) if "calib" in dataset else None
+    curve: list[tuple[int, float]] = []
+    every = max(recipe.steps // CURVE_POINTS, 1)
+
+    def measure(step: int) -> None:
+        if held_out is not None and (step % every == 0 or step == recipe.steps):
+            curve.append((step, round(accuracy(model, held_out), 4)))
+
+    measure(0)
+    finetune(model, data, recipe, train_head=recipe.heads == "cotrained", desc="fine-tune", seed=seed, on_step=measure)
+    return model, curve
 
 
 def save_model(model: nn.Module, tokenizer_source: str, folder: Path, meta: Mapping) -> None:
@@ -206,6 +258,12 @@ def expert_dir(tasks_key: str, recipe: Recipe, base: str | None, cache_dir: str 
     return cache_root(cache_dir) / "experts" / recipe.key(base) / tasks_key
 
 
+def data_key(task: str, data_dir: str | Path | None) -> str:
+    """``<task>-<hash of its rows>``: a task whose data changed (or another folder's task of the same name) gets its
+    own expert instead of a stale one."""
+    return f"{task}-{task_fingerprint(task, data_dir)}"
+
+
 def build_experts(
     tasks: Sequence[str],
     recipe: Recipe | None = None,
@@ -223,17 +281,23 @@ def build_experts(
         cache_dir: root of the cache (default env ``ADAMERGE_CACHE`` or ``~/.cache/adamerge``).
         device: ``cpu`` / ``cuda``; default CUDA when present.
         data_dir: where the task files are (default: the shipped ones).
+
+    The cache folder is keyed on the recipe, the base and a hash of each task's data (:func:`data_key`).
     """
 
     recipe = recipe or Recipe()
     source = base or minilm_path()
+    keys = {task: data_key(task, data_dir) for task in tasks}  # every task checked before any training
     folders = {}
     for k, task in enumerate(tasks):
-        folder = expert_dir(task, recipe, base, cache_dir)
+        folder = expert_dir(keys[task], recipe, base, cache_dir)
         if not (folder / "recipe.json").exists():
             log.info("training expert %r (%d/%d) into %s", task, k + 1, len(tasks), folder)
-            model = train_expert(source, load_task(task, data_dir), recipe, device, seed=k)
-            save_model(model, source, folder, {"task": task, "base": base, **dataclasses.asdict(recipe)})
+            start = time.perf_counter()
+            model, curve = train_expert(source, load_task(task, data_dir), recipe, device, seed=task_seed(task))
+            meta = {"task": task, "data": keys[task], "base": base, **dataclasses.asdict(recipe)}
+            meta |= {"calib_accuracy_curve": curve, "train_s": round(time.perf_counter() - start, 1)}
+            save_model(model, source, folder, meta)
         folders[task] = folder
     return folders
 
@@ -261,7 +325,7 @@ def build_multitask(
             "the multi-task reference reads the experts' frozen probe heads: use recipe.heads=frozen_probe"
         )
     experts = build_experts(tasks, recipe, base, cache_dir, device, data_dir)
-    folder = expert_dir("_multitask-" + "+".join(sorted(tasks)), recipe, base, cache_dir)
+    folder = expert_dir("_multitask-" + "+".join(sorted(data_key(t, data_dir) for t in tasks)), recipe, base, cache_dir)
     if (folder / "recipe.json").exists():
         return folder
     from safetensors.torch import load_file

@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,6 +28,32 @@ def available_tasks(data_dir: str | Path | None = None) -> list[str]:
     return sorted(_index(Path(data_dir or TEXT_TASKS_DIR)))
 
 
+def _find(name: str, data_dir: str | Path | None) -> tuple[Path, dict]:
+    """The folder and its index, or an error naming the tasks there and the two keys that choose them."""
+    data_dir = Path(data_dir or TEXT_TASKS_DIR)
+    index = _index(data_dir)
+    if name not in index:
+        where = "no tasks.json there" if not (data_dir / "tasks.json").is_file() else ", ".join(sorted(index))
+        raise ValueError(
+            f"unknown text task {name!r} in {data_dir} (available: {where}); fix experts.tasks, or point "
+            "experts.data_dir at the folder that holds it (built with scripts/build_text_tasks.py --out)"
+        )
+    return data_dir, index
+
+
+def task_fingerprint(name: str, data_dir: str | Path | None = None) -> str:
+    """A short hash of a task's rows and class names: the expert cache is keyed on it, so changed data retrains.
+
+    The decompressed rows are hashed (gzip headers carry a timestamp: a rebuilt identical file keeps its hash).
+    """
+    data_dir, index = _find(name, data_dir)
+    digest = hashlib.sha256(json.dumps(index[name]["classes"]).encode())
+    with gzip.open(data_dir / f"{name}.jsonl.gz", "rb") as rows:
+        for chunk in iter(lambda: rows.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:8]
+
+
 def load_task(name: str, data_dir: str | Path | None = None) -> datasets.DatasetDict:
     """One task as a ``DatasetDict`` with splits train/calib/test and columns ``text`` and ``label`` (ClassLabel).
 
@@ -35,10 +62,7 @@ def load_task(name: str, data_dir: str | Path | None = None) -> datasets.Dataset
         data_dir: folder holding ``tasks.json`` and the task files; default :data:`TEXT_TASKS_DIR`. Point it at a
             folder built with ``scripts/build_text_tasks.py --out`` for tasks that are not shipped (``bbc_news``).
     """
-    data_dir = Path(data_dir or TEXT_TASKS_DIR)
-    index = _index(data_dir)
-    if name not in index:
-        raise ValueError(f"unknown text task {name!r}; available in {data_dir}: {', '.join(sorted(index)) or 'none'}")
+    data_dir, index = _find(name, data_dir)
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=index[name]["classes"])}
     )
