@@ -51,6 +51,16 @@ def check_pool(method, kind: str | None) -> None:
             )
 
 
+def union_tokenizer(cfg: DictConfig, pool) -> dict:
+    """Experts added tokens (``adamerge.core.vocab``): the data is tokenized with the merged vocabulary, in which an
+    added token may have another id than in the expert's own tokenizer."""
+    vocab = getattr(pool, "vocab", None)  # LoRA pools have none
+    if vocab is None or "tokenizer" not in cfg.data:
+        return {}
+    log.info("data: tokenized with the union of the experts' vocabularies (%d added tokens)", len(vocab.added))
+    return {"tokenizer": vocab.tokenizer}
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one merge as configured; returns the summary table, the output dir, the coefficient record and the
     calibration objective (what sweeps minimise). One output directory holds one run (``claim_run_dir``)."""
@@ -67,7 +77,7 @@ def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
     evaluator = instantiate(cfg.evaluator)
     pool = instantiate(cfg.experts)
     check_pool(method, pool_kind(pool))
-    data = instantiate(cfg.data, num_steps=method.calibration_steps)
+    data = instantiate(cfg.data, num_steps=method.calibration_steps, **union_tokenizer(cfg, pool))
     check_tasks(pool.experts, data.task_names)
     data.setup("fit")
     if cfg.evaluate:

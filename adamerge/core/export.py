@@ -6,6 +6,7 @@ Layout::
     out/model/            # plain Hugging Face folder: AutoModel*.from_pretrained(out/"model") works
     out/heads/<task>.safetensors   # per-task head tensors, never merged (load with ``load_merged(out, task)``)
     out/coefficients.json # expert -> group -> lambda, plus granularity and experts, to reproduce the merge
+    out/vocab_provenance.md  # only when experts added tokens: which experts each added row came from
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from adamerge.atomic import atomic_path, write_json
@@ -66,8 +68,13 @@ def export_model(
     heads: Mapping[str, Mapping[str, Tensor]] | None = None,
     record: dict | None = None,
     preprocessor_source: str | None = None,
+    vocab=None,
 ) -> Path:
-    """Write ``model`` (with ``save_pretrained``), heads and a JSON record into ``out_dir`` atomically."""
+    """Write ``model`` (with ``save_pretrained``), heads and a JSON record into ``out_dir`` atomically.
+
+    With ``vocab`` (a ``VocabUnion``: experts added tokens) the union tokenizer replaces the base's and
+    ``vocab_provenance.md`` says which experts each added row came from.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -76,7 +83,12 @@ def export_model(
             model.save_pretrained(tmp / "model", safe_serialization=True)
         else:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_preprocessor(preprocessor_source, tmp / "model")
+        if vocab is None:
+            save_preprocessor(preprocessor_source, tmp / "model")
+        else:
+            from adamerge.core.vocab import save_vocab
+
+            save_vocab(vocab, tmp, tmp / "model")
         for task, tensors in (heads or {}).items():
             if tensors:
                 (tmp / "heads").mkdir(exist_ok=True)
@@ -114,10 +126,15 @@ def load_merged(out_dir: str | Path, task: str | None = None, model_class: str =
 
 
 def assign_tensor(model: nn.Module, name: str, value: Tensor) -> None:
-    """Replace ``model.<name>`` by ``value`` (shape may change, e.g. a head with another number of classes)."""
+    """Put ``value`` in ``model.<name>``: in place when the shape matches, else as a new tensor (a head with another
+    number of classes)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = getattr(module, attr)
+    if old.shape == value.shape:  # in place, so that a tied tensor (lm_head = embed_tokens) stays tied
+        with torch.no_grad():
+            old.copy_(value)
+        return
     if isinstance(old, nn.Parameter):
         setattr(module, attr, nn.Parameter(value.to(old.dtype).clone(), requires_grad=old.requires_grad))
     else:

@@ -138,6 +138,7 @@ class MergedModel(MergedModelBase):
         group_names, layout = group_layout(names, granularity, block_pattern, chunks)
         super().__init__(pool.model, pool.experts, pool.heads, group_names, granularity, init, parametrization, clamp)
         self.names, self.layout = names, layout
+        self.vocab = pool.vocab
         # Blocks whose activations are recomputed in the backward instead of stored (adamerge.core.activation_checkpointing).
         self.checkpointed = block_names(self.names, block_pattern) if activation_checkpointing else []
         if activation_checkpointing and not self.checkpointed:

@@ -57,6 +57,8 @@ class MergedModelBase(nn.Module):
         init, parametrization, clamp: the coefficient table's start and form (``adamerge.core.coefficients``).
     """
 
+    vocab = None  # a VocabUnion when experts added tokens: the export then carries the union tokenizer
+
     def __init__(
         self,
         model: nn.Module,
@@ -138,7 +140,7 @@ class MergedModelBase(nn.Module):
     def export(self, out_dir: str | Path, params: Any = None, record: dict | None = None, source: str | None = None):
         """Write the merge (default: the current coefficients) as a Hugging Face folder with the per-task heads."""
         heads = {task: self.head(task) for task in self.experts}
-        return export_model(self.merge_and_unload(params=params), out_dir, heads, record, source)
+        return export_model(self.merge_and_unload(params=params), out_dir, heads, record, source, self.vocab)
 
     # ------------------------------------------------------------------------------------- the table as data
 

@@ -40,6 +40,7 @@ from adamerge.core.readers import (  # noqa: F401 (re-exported: the pool's publi
     local_path,
     open_reader,
 )
+from adamerge.core.vocab import VocabUnion, extend_vocabulary, row_extensions, vocab_tensor_names
 from adamerge.progress import progress
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class ExpertPool:
     task_vectors: dict[str, Tensor]
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     base_source: str | None = None
+    vocab: VocabUnion | None = None  # experts added tokens: the union vocabulary (``adamerge.core.vocab``)
 
     @property
     def num_experts(self) -> int:
@@ -250,6 +252,8 @@ def make_pool(
     device: str | torch.device = "cpu",
     base_source: str | None = None,
     check_finite: bool = True,
+    base_tokenizer=None,
+    tokenizers: Mapping | None = None,
 ) -> ExpertPool:
     """A pool from an instantiated base model and expert sources (folders, files, adapters, modules, state dicts).
 
@@ -262,6 +266,9 @@ def make_pool(
         device: where the base and the task vectors live.
         base_source: the base's id/folder (``experts.base``), recorded for exports and checked against adapters.
         check_finite: refuse NaN/inf in task vectors and heads, naming expert and tensor (``experts.check_finite``).
+        base_tokenizer / tokenizers: only read when experts added tokens (more embedding rows than the base): the
+            base's and expert -> tokenizer or folder (``experts.base_tokenizer`` / ``experts.tokenizers``); default:
+            read from ``base_source`` and each expert's folder. See ``adamerge.core.vocab``.
     """
     if not experts:
         raise PoolError("no experts given; list at least one under experts.experts")
@@ -277,6 +284,13 @@ def make_pool(
             readers[name].adapter.check_base(base_source or getattr(model, "name_or_path", None))
     known = set(model.state_dict()) | set(base_state)
     check_no_extra_tensors(readers, known, list(exclude) + head_patterns, prefix)
+    vocab, vocab_names = None, vocab_tensor_names(model)
+    grown = row_extensions(base_state, readers, vocab_names, prefix)
+    if grown:  # experts added tokens: the base grows to the union vocabulary, added rows never merge
+        vocab, readers = extend_vocabulary(
+            model, readers, grown, vocab_names, prefix, base_tokenizer or base_source, experts, tokenizers or {}
+        )
+        base_state = dict(model.named_parameters())
     names = select_merged_names(base_state, include, exclude, head_patterns)
     task_vectors = build_task_vectors(
         base_state, readers, names, resolve_dtype(dtype), device, prefix, check_finite=check_finite
@@ -289,7 +303,7 @@ def make_pool(
         len(names),
         sum(t[0].numel() for t in task_vectors.values()) / 1e6,
     )
-    return ExpertPool(model.to(device), list(readers), task_vectors, heads, base_source)
+    return ExpertPool(model.to(device), list(readers), task_vectors, heads, base_source, vocab)
 
 
 def load_pool(

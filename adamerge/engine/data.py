@@ -99,6 +99,8 @@ class MergeDataModule(L.LightningDataModule):
         batch_size: calibration samples per task per step (AdaMerging: 16).
         num_steps: training steps (the trainer's ``max_steps``); the stream itself is endless and indexed by step.
         max_calib / max_eval: optional caps on the number of examples per task.
+        chat_template: calibration texts as user turns through the tokenizer's chat template: ``None`` when the
+            tokenizer has one, ``True`` always (an error without one), ``False`` never. Evaluation text stays raw.
     """
 
     def __init__(
@@ -119,12 +121,20 @@ class MergeDataModule(L.LightningDataModule):
         max_eval: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        chat_template: bool | None = None,
     ):
         super().__init__()
         if not tasks:
             raise DataError("no tasks given; list them under data.tasks")
         self.sources = dict(tasks)
         self.tokenizer = _load(tokenizer, "AutoTokenizer")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise DataError(
+                "data.chat_template=true but the tokenizer (data.tokenizer) has no chat template; give a chat "
+                "model's tokenizer or set data.chat_template=null"
+            )
+        self.chat = has_template if chat_template is None else chat_template
         self.processor = _load(processor, "AutoProcessor")
         self.calib_split, self.eval_split = calib_split, eval_split
         self.text_column, self.image_column, self.label_column = text_column, image_column, label_column
@@ -147,7 +157,7 @@ class MergeDataModule(L.LightningDataModule):
         if self.calib:
             return
         for task, source in self.sources.items():
-            calib = self._prepare(load_split(source, self.calib_split, task), task, self.max_calib)
+            calib = self._prepare(load_split(source, self.calib_split, task), task, self.max_calib, self.chat)
             if len(calib) == 0:
                 raise DataError(f"task {task!r}: the calibration split {self.calib_split!r} is empty")
             self.calib[task] = calib.remove_columns([c for c in calib.column_names if c == self.label_column])
@@ -155,11 +165,11 @@ class MergeDataModule(L.LightningDataModule):
             self.eval[task] = self._prepare(load_split(source, self.eval_split, task), task, self.max_eval)
         log.info("data: %s", {t: (len(self.calib[t]), len(self.eval[t])) for t in self.calib})
 
-    def _prepare(self, dataset, task: str, cap: int | None):
+    def _prepare(self, dataset, task: str, cap: int | None, chat: bool = False):
         if cap is not None and len(dataset) > cap:
             dataset = dataset.shuffle(seed=self.seed).select(range(cap))
         return featurize(
-            dataset, task, self.tokenizer, self.processor, self.text_column, self.image_column, self.max_length
+            dataset, task, self.tokenizer, self.processor, self.text_column, self.image_column, self.max_length, chat
         )
 
     def train_dataloader(self) -> DataLoader:

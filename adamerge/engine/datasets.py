@@ -127,8 +127,12 @@ def featurize(
     text_column: str = "text",
     image_column: str = "image",
     max_length: int = 128,
+    chat: bool = False,
 ):
-    """Tokenize text or process images once; datasets that already hold model inputs pass through."""
+    """Tokenize text or process images once; datasets that already hold model inputs pass through.
+
+    With ``chat`` each text is a user turn put through the tokenizer's chat template (``chat_prompts``).
+    """
     columns = set(dataset.column_names)
     if columns & set(MODEL_INPUTS):
         return dataset
@@ -136,6 +140,17 @@ def featurize(
         if text_column not in columns:
             raise DataError(
                 f"task {task!r}: no text column {text_column!r} (columns: {sorted(columns)}); set data.text_column"
+            )
+        if chat:  # the template writes the special tokens (BOS and turn markers) itself
+            return dataset.map(
+                lambda b: tokenizer(
+                    chat_prompts(tokenizer, b[text_column]),
+                    truncation=True,
+                    max_length=max_length,
+                    add_special_tokens=False,
+                ),
+                batched=True,
+                remove_columns=[text_column],
             )
         return dataset.map(
             lambda b: tokenizer(b[text_column], truncation=True, max_length=max_length),
@@ -153,6 +168,14 @@ def featurize(
             remove_columns=[image_column],
         )
     raise DataError(f"task {task!r}: raw data but no tokenizer or processor; set data.tokenizer or data.processor")
+
+
+def chat_prompts(tokenizer, texts: Sequence[str]) -> list[str]:
+    """Each text as one user turn followed by the assistant's opening: the prompt a chat expert answers."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
 
 
 def collate(rows: Sequence[Mapping], keys: Sequence[str], pad_id: int = 0) -> dict[str, torch.Tensor]:
