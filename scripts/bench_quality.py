@@ -4,6 +4,9 @@
     python scripts/bench_quality.py                                   # 4 tasks, 3 seeds for the learned methods
     python scripts/bench_quality.py --multitask --seeds 0,1,2 --out bench_quality.md
     python scripts/bench_quality.py --steps 30 --seeds 0 --max-eval 200   # quicker
+    python scripts/bench_quality.py --preset hard --multitask             # 7 tasks, converged experts (slow)
+
+An interrupted run resumes: rows already in ``<out>.partial.json`` from the same setup are kept, not re-run.
 
 The pool (experts built or reused from the cache) is loaded once and shared by all methods. Rows: the floor (base
 backbone read through the probe heads: no merging), each expert on its own task (the ceiling of normalized
@@ -26,6 +29,9 @@ import time
 from pathlib import Path
 
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
+PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}  # conf/experts/<file>.yaml
+TA_BEST = "task arithmetic (lam={lam:g}, grid on calib labels)"
+MULTITASK = "multi-task model"
 
 log = logging.getLogger("bench_quality")
 
@@ -33,6 +39,7 @@ log = logging.getLogger("bench_quality")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="minilm_text", help="the experiment config to start from")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experts: quick (4 tasks) or hard")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: the experiment's)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the learned methods")
     p.add_argument("--steps", type=int, default=None, help="learned methods' steps (default: the experiment's)")
@@ -82,6 +89,7 @@ def multitask_params(folder: Path, names) -> dict:
 def run_bench(args) -> dict:
     from hydra.utils import instantiate
 
+    from adamerge.atomic import write_text
     from adamerge.core.factory import merged_model
     from adamerge.evaluation.classification import Classification
     from adamerge.evaluation.protocol import EXPERT, FLOOR, reference_rows
@@ -89,7 +97,8 @@ def run_bench(args) -> dict:
     from adamerge.pipeline import check_tasks
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
-    base = [f"experiment={args.experiment}", f"paths.output_dir={work}", "~logger", "export=false"]
+    base = [f"experiment={args.experiment}", f"experts={PRESETS[args.preset]}", f"paths.output_dir={work}"]
+    base += ["~logger", "export=false"]
     if args.tasks:
         base.append(f"experts.tasks=[{args.tasks}]")
     if args.max_eval:
@@ -105,12 +114,13 @@ def run_bench(args) -> dict:
     )
     if unknown or any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"unknown methods {unknown} or malformed --compose {args.compose!r}; see `adamerge methods`")
-    results: dict[str, dict] = {}
     partial = Path(args.out).with_suffix(".partial.json")
+    setup = {"overrides": base, "seeds": args.seeds, "steps": args.steps}
+    results = resumed(partial, setup)
 
     def record(name, accs_per_seed, seeds, steps, wall, **extra):
         results[name] = {"accs": accs_per_seed, "seeds": seeds, "steps": steps, "wall_s": wall, **extra}
-        partial.write_text(json.dumps(results, indent=1, default=str))  # an interrupted run keeps what it measured
+        write_text(partial, json.dumps({"setup": setup, "results": results}, indent=1, default=str))
 
     start = time.perf_counter()
     pool = instantiate(cfg.experts)
@@ -124,43 +134,74 @@ def run_bench(args) -> dict:
     evaluator = Classification()
 
     merged = merged_model(pool, granularity="task")
+    geometry = task_vector_geometry(pool.task_vectors, tasks)
     t = time.perf_counter()
-    refs = {row: accuracies(scores) for row, scores in reference_rows(merged, evaluator, data, 0.3).items()}
+    if FLOOR not in results or EXPERT not in results:
+        refs = {row: accuracies(scores) for row, scores in reference_rows(merged, evaluator, data, 0.3).items()}
+        record(FLOOR, [refs[FLOOR]], [], 0, 0.0)
+        record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, pool_s, note="wall = building/loading the pool")
     ref_s = time.perf_counter() - t
-    record(FLOOR, [refs[FLOOR]], [], 0, 0.0)
-    record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, pool_s, note="wall = building/loading the pool")
 
-    if args.multitask:
+    if args.multitask and MULTITASK not in results:
         from adamerge.testbeds.minilm import Recipe, build_multitask
 
         t = time.perf_counter()
-        folder = build_multitask(tasks, Recipe(**cfg.experts.recipe), cfg.experts.base, cfg.experts.cache_dir)
+        recipe = Recipe(**cfg.experts.recipe)
+        folder = build_multitask(
+            tasks, recipe, cfg.experts.base, cfg.experts.cache_dir, data_dir=cfg.experts.get("data_dir")
+        )
         wall = time.perf_counter() - t
         params = multitask_params(folder, merged.names)
-        record(
-            "multi-task model",
-            [accuracies(evaluator.evaluate(merged, params, data))],
-            [],
-            cfg.experts.recipe.steps,
-            wall,
-        )
+        record(MULTITASK, [accuracies(evaluator.evaluate(merged, params, data))], [], recipe.steps, wall)
 
-    if wanted is None or "task_arithmetic" in wanted:
+    if (wanted is None or "task_arithmetic" in wanted) and not any(n.startswith(TA_BEST[:20]) for n in results):
         t = time.perf_counter()
         best, grid = task_arithmetic_grid(merged, evaluator, calib)
         wall = time.perf_counter() - t
         accs = accuracies(evaluator.evaluate(merged, merged.constant_params(best), data))
-        record(f"task arithmetic (lam={best:g}, grid on calib labels)", [accs], [], 0, wall, grid=grid)
+        record(TA_BEST.format(lam=best), [accs], [], 0, wall, grid=grid)
 
     seeds = [int(s) for s in args.seeds.split(",")]
     for spec in registered.values():
-        if wanted is None or spec.name in wanted:
+        if (wanted is None or spec.name in wanted) and spec.name not in results:
             run_method(spec, seeds if random(spec) else [None], args, base, work, pool, evaluator, record)
     for learner, transform in pairs:
-        spec = registered[learner]
-        extra = [f"method.transform={transform}"]
-        run_method(spec, seeds, args, base, work, pool, evaluator, record, extra, f"{learner} over {transform}")
-    return {"tasks": tasks, "results": results, "reference_s": ref_s, "config": str(cfg.experts.recipe)}
+        if f"{learner} over {transform}" not in results:
+            spec = registered[learner]
+            extra = [f"method.transform={transform}"]
+            run_method(spec, seeds, args, base, work, pool, evaluator, record, extra, f"{learner} over {transform}")
+    return {
+        "tasks": tasks,
+        "results": results,
+        "geometry": geometry,
+        "reference_s": ref_s,
+        "config": str(cfg.experts.recipe),
+    }
+
+
+def resumed(partial: Path, setup: dict) -> dict:
+    """Rows of an interrupted run with the same setup (overrides, seeds, steps); otherwise none."""
+    if not partial.is_file():
+        return {}
+    saved = json.loads(partial.read_text())
+    if saved.get("setup") != setup:
+        log.info("%s is from another setup: starting afresh", partial)
+        return {}
+    log.info("resuming: %d rows from %s (%s)", len(saved["results"]), partial, ", ".join(saved["results"]))
+    return saved["results"]
+
+
+def task_vector_geometry(task_vectors: dict, tasks: list[str]) -> dict:
+    """Norm of each task vector over every merged tensor, and the pairwise cosine similarities: interference."""
+    import torch
+
+    dots = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+    for stack in task_vectors.values():
+        flat = stack.reshape(len(tasks), -1).double()
+        dots += flat @ flat.T
+    norms = dots.diagonal().sqrt()
+    cosines = dots / norms.outer(norms)
+    return {"norms": dict(zip(tasks, norms.tolist())), "cosines": cosines.tolist()}
 
 
 def random(spec) -> bool:
@@ -210,21 +251,46 @@ def run_method(spec, seeds, args, base, work, pool, evaluator, record, extra=(),
         record(f"{name} (per-task)", per_task, used, steps, statistics.mean(walls))
 
 
-def table(bench: dict) -> list[dict]:
-    """One row per method: per-task 'acc / normalized', averages, spread over seeds, seeds, steps, wall time."""
+def normalized(bench: dict) -> dict[str, list[float]]:
+    """Row -> average normalized accuracy (acc / expert acc, mean over tasks) of each seed."""
     from adamerge.evaluation.protocol import EXPERT
 
     tasks, results = bench["tasks"], bench["results"]
     expert = results[EXPERT]["accs"][0]
+    return {
+        name: [statistics.mean(a[t] / expert[t] for t in tasks) for a in res["accs"]] for name, res in results.items()
+    }
+
+
+def best_task_arithmetic(results: dict) -> str | None:
+    return next((name for name in results if name.startswith(TA_BEST[:20])), None)
+
+
+def gap_closed(score: float, task_arithmetic: float) -> float:
+    """How much of the way from task arithmetic (at its best lambda) to the experts (normalized 1.0) a row goes."""
+    return (score - task_arithmetic) / (1.0 - task_arithmetic)
+
+
+def table(bench: dict) -> list[dict]:
+    """One row per method: per-task 'acc / normalized', averages, spread over seeds, the gap closed over task
+    arithmetic at its best lambda, seeds, steps, wall time."""
+    from adamerge.evaluation.protocol import EXPERT
+
+    tasks, results = bench["tasks"], bench["results"]
+    expert = results[EXPERT]["accs"][0]
+    norms = normalized(bench)
+    ta = best_task_arithmetic(results)
     rows = []
     for name, res in results.items():
-        per_seed_norm = [statistics.mean(a[t] / expert[t] for t in tasks) for a in res["accs"]]
+        per_seed_norm = norms[name]
         mean = {t: statistics.mean(a[t] for a in res["accs"]) for t in tasks}
         row = {"method": name}
         row |= {t: f"{mean[t]:.3f} / {mean[t] / expert[t]:.3f}" for t in tasks}
         row["avg acc"] = f"{statistics.mean(mean.values()):.3f}"
         row["avg norm"] = f"{statistics.mean(per_seed_norm):.3f}"
         row["± (std over seeds)"] = f"{statistics.stdev(per_seed_norm):.3f}" if len(per_seed_norm) > 1 else ""
+        if ta is not None:
+            row["gap closed"] = f"{gap_closed(statistics.mean(per_seed_norm), statistics.mean(norms[ta])):+.2f}"
         row["seeds"] = ",".join(map(str, res["seeds"])) or "-"
         row["steps"] = res["steps"] or "-"
         row["wall s"] = f"{res['wall_s']:.0f}"
@@ -239,6 +305,31 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def geometry_markdown(bench: dict) -> str:
+    """The task vectors' norms and pairwise cosines, as a table."""
+    tasks, geometry = bench["tasks"], bench["geometry"]
+    lines = ["| task | norm of tau | " + " | ".join(f"cos({t})" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for t, row in zip(tasks, geometry["cosines"]):
+        lines.append(f"| {t} | {geometry['norms'][t]:.3f} | " + " | ".join(f"{c:.3f}" for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(bench: dict, path: Path) -> Path:
+    """Methods as bars (mean and std over seeds of the average normalized accuracy); the floor, task arithmetic,
+    the multi-task model and the experts as lines."""
+    from adamerge.artifacts.plots import method_bars, save_figure
+    from adamerge.evaluation.protocol import EXPERT, FLOOR
+
+    norms = normalized(bench)
+    ta = best_task_arithmetic(bench["results"])
+    references = {FLOOR: "floor (base + heads)", EXPERT: "experts", MULTITASK: "multi-task model"}
+    if ta is not None:
+        references[ta] = ta.split(",")[0] + ")"
+    lines = {label: statistics.mean(norms[row]) for row, label in references.items() if row in norms}
+    bars = {name: values for name, values in norms.items() if name not in references}
+    return save_figure(method_bars(bars, lines, f"{len(bench['tasks'])} tasks: average normalized accuracy"), path)
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import transformers
@@ -250,14 +341,17 @@ def main(argv=None) -> None:
     bench["total_s"] = time.perf_counter() - start
     text = to_markdown(table(bench))
     text += (
-        f"\nCells: accuracy / normalized accuracy (acc / expert acc). Learned methods: mean over seeds. "
-        f"Total wall time {bench['total_s']:.0f} s.\n"
+        "\nCells: accuracy / normalized accuracy (acc / expert acc). Learned methods: mean over seeds. Gap closed: "
+        "(row - task arithmetic at its best lambda) / (experts - task arithmetic), on the average normalized "
+        f"accuracy. Total wall time {bench['total_s']:.0f} s.\n\nTask vectors (all merged tensors):\n\n"
     )
+    text += geometry_markdown(bench)
     print(text)
     out = Path(args.out)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(bench, indent=1, default=str))
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    plot = figure(bench, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {plot}")
 
 
 if __name__ == "__main__":

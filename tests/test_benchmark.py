@@ -146,3 +146,95 @@ def test_bench_quality_refuses_unknown_methods_before_any_work():
         bench.main(["--methods", "ties,tiez", "experts.cache_dir=/nonexistent"])
     with pytest.raises(SystemExit, match=r"malformed --compose"):
         bench.main(["--compose", "adamerging", "experts.cache_dir=/nonexistent"])
+
+
+def shipped_task_copy(folder, name="vader_movies", flip_labels=False):
+    """A data folder holding one shipped task (labels flipped on request), as a user's own task folder would."""
+    import gzip
+
+    from adamerge.testbeds.text_tasks import TEXT_TASKS_DIR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = json.loads((TEXT_TASKS_DIR / "tasks.json").read_text())
+    (folder / "tasks.json").write_text(json.dumps({name: index[name]}))
+    with (
+        gzip.open(TEXT_TASKS_DIR / f"{name}.jsonl.gz", "rt") as src,
+        gzip.open(folder / f"{name}.jsonl.gz", "wt") as dst,
+    ):
+        for line in src:
+            row = json.loads(line)
+            row["label"] = 1 - row["label"] if flip_labels else row["label"]
+            dst.write(json.dumps(row) + "\n")
+    return folder
+
+
+def test_expert_cache_is_keyed_on_the_tasks_data(tmp_path, cache):
+    """A task whose rows changed used to get the stale expert back (the cache was keyed on the recipe only)."""
+    recipe = Recipe(**TINY_RECIPE)
+    same = build_experts(["vader_movies"], recipe, data_dir=shipped_task_copy(tmp_path / "copy"))
+    shipped = build_experts(["vader_movies"], recipe)
+    assert same == shipped  # the same rows (recompressed, another folder): the same expert, not retrained
+    flipped = build_experts(["vader_movies"], recipe, data_dir=shipped_task_copy(tmp_path / "flip", flip_labels=True))
+    assert flipped["vader_movies"] != shipped["vader_movies"]
+    assert json.loads((flipped["vader_movies"] / "recipe.json").read_text())["data"].startswith("vader_movies-")
+    curve = json.loads((shipped["vader_movies"] / "recipe.json").read_text())["calib_accuracy_curve"]
+    assert [step for step, _ in curve] == [0, 1, 2, 3, 4] and all(0 <= acc <= 1 for _, acc in curve)
+
+
+def test_an_experts_seed_comes_from_its_task_name_not_its_position(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    recipe = Recipe(**TINY_RECIPE)
+    monkeypatch.setenv("ADAMERGE_CACHE", str(tmp_path / "first"))
+    alone = build_experts(["vader_movies"], recipe)["vader_movies"]
+    monkeypatch.setenv("ADAMERGE_CACHE", str(tmp_path / "second"))
+    second = build_experts(["debian_section", "vader_movies"], recipe)["vader_movies"]
+    a, b = load_file(alone / "model.safetensors"), load_file(second / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_one_data_dir_key_for_experts_and_data_and_errors_that_name_it(tmp_path):
+    folder = shipped_task_copy(tmp_path / "mine")
+    cfg = tiny_cfg(tmp_path / "run", f"experts.data_dir={folder}", "experts.tasks=[vader_movies]")
+    assert cfg.experts.data_dir == cfg.data.data_dir == str(folder)
+    with pytest.raises(ValueError, match=r"unknown text task 'debian_section'.*experts\.tasks.*experts\.data_dir"):
+        build_experts(["debian_section"], Recipe(**TINY_RECIPE), data_dir=folder)
+
+
+def load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_gap_closed_geometry_figure_and_resume(tmp_path):
+    """The table's gap-closed column, the task vectors' geometry, the figure, and resuming a partial file."""
+    bench = load_script("bench_quality")
+    tau = {"w": torch.tensor([[3.0, 4.0], [4.0, -3.0]]), "b": torch.zeros(2, 5)}
+    geometry = bench.task_vector_geometry(tau, ["a", "b"])
+    assert geometry["norms"] == {"a": 5.0, "b": 5.0} and geometry["cosines"] == [[1.0, 0.0], [0.0, 1.0]]
+    expert = {"a": 0.8, "b": 0.5}
+    results = {
+        "base + heads (floor)": {"accs": [{"a": 0.4, "b": 0.25}], "seeds": [], "steps": 0, "wall_s": 0},
+        "expert (own task)": {"accs": [expert], "seeds": [], "steps": 0, "wall_s": 0},
+        bench.TA_BEST.format(lam=0.3): {"accs": [{"a": 0.6, "b": 0.4}], "seeds": [], "steps": 0, "wall_s": 0},
+        "m": {"accs": [{"a": 0.7, "b": 0.45}, {"a": 0.7, "b": 0.45}], "seeds": [0, 1], "steps": 5, "wall_s": 1},
+    }
+    data = {"tasks": ["a", "b"], "results": results, "geometry": geometry}
+    rows = {row["method"]: row for row in bench.table(data)}
+    # task arithmetic 0.775 normalized, m 0.8875: (0.8875 - 0.775) / (1 - 0.775) = 0.5
+    assert rows["m"]["avg norm"] == "0.887" and rows["m"]["gap closed"] == "+0.50"
+    assert rows["expert (own task)"]["gap closed"] == "+1.00"
+    assert "| a | 5.000 | 1.000 | 0.000 |" in bench.geometry_markdown(data)
+    assert bench.figure(data, tmp_path / "bench.png").stat().st_size > 1000
+
+    partial = tmp_path / "bench.partial.json"
+    setup = {"overrides": ["x"], "seeds": "0", "steps": 3}
+    partial.write_text(json.dumps({"setup": setup, "results": results}))
+    assert bench.resumed(partial, setup) == results
+    assert bench.resumed(partial, setup | {"steps": 4}) == {}  # another setup: afresh

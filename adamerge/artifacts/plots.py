@@ -221,6 +221,31 @@ def results_figure(
     return fig
 
 
+def method_bars(bars: Mapping[str, Sequence[float]], lines: Mapping[str, float], title: str = ""):
+    """One horizontal bar per method (its mean over seeds, the standard deviation as an error bar), best on top, and
+    reference values (floor, task arithmetic, experts) as labelled vertical lines."""
+    import statistics
+
+    names = sorted(bars, key=lambda n: statistics.mean(bars[n]))
+    means = [statistics.mean(bars[n]) for n in names]
+    errors = [statistics.stdev(bars[n]) if len(bars[n]) > 1 else 0.0 for n in names]
+    fig = _figure(7.5, 1.2 + 0.28 * len(names))
+    ax = fig.add_subplot()
+    ax.barh(range(len(names)), means, xerr=errors, color="#4c72b0", ecolor="black", capsize=2)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for k, (label, value) in enumerate(lines.items()):
+        ax.axvline(value, color=f"C{k + 1}", linestyle=styles[k % len(styles)], label=f"{label} {value:.3f}")
+    everything = means + list(lines.values())
+    low, high = min(everything), max(everything)
+    ax.set_xlim(low - 0.1 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
+    ax.set_xlabel("average normalized accuracy (higher is better)")
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically."""
     return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))

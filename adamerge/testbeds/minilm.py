@@ -175,17 +175,19 @@ def finetune(
     device = next(model.parameters()).device
     model.train()
     bar = tqdm(range(recipe.steps), desc=desc, leave=False)
-    for step in bar:
-        idx = torch.randint(0, len(data["labels"]), (recipe.batch_size,), generator=g)
-        batch = trim({k: v[idx] for k, v in data.items()})
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if on_step is not None:
-            on_step(step + 1)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(recipe.seed + seed)  # dropout's masks: an expert does not depend on what trained before it
+        for step in bar:
+            idx = torch.randint(0, len(data["labels"]), (recipe.batch_size,), generator=g)
+            batch = trim({k: v[idx] for k, v in data.items()})
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1)
     model.eval()
     model.requires_grad_(True)
 

@@ -44,13 +44,14 @@ def _find(name: str, data_dir: str | Path | None) -> tuple[Path, dict]:
 def task_fingerprint(name: str, data_dir: str | Path | None = None) -> str:
     """A short hash of a task's rows and class names: the expert cache is keyed on it, so changed data retrains.
 
-    The decompressed rows are hashed (gzip headers carry a timestamp: a rebuilt identical file keeps its hash).
+    The parsed rows are hashed in a canonical form, not the file's bytes: gzip headers carry a timestamp and JSON
+    writers differ in spacing, so the same rows written again keep their hash.
     """
     data_dir, index = _find(name, data_dir)
     digest = hashlib.sha256(json.dumps(index[name]["classes"]).encode())
-    with gzip.open(data_dir / f"{name}.jsonl.gz", "rb") as rows:
-        for chunk in iter(lambda: rows.read(1 << 20), b""):
-            digest.update(chunk)
+    with gzip.open(data_dir / f"{name}.jsonl.gz", "rt", encoding="utf-8") as lines:
+        for line in lines:
+            digest.update(json.dumps(json.loads(line), sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:8]
 
 
