@@ -177,9 +177,9 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def autocast(args):
+def autocast(device: str, precision: str):
     """bf16 autocast for ``--precision bf16`` (FusionBench and the limit; adamerge uses Lightning's bf16-mixed)."""
-    return torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def sync(device: str):
@@ -204,11 +204,9 @@ def worker_adamerge(args):
     """adamerge's real step: MergeModule.training_step under a minimal lightning.Trainer, timed by a callback."""
     from functools import partial
 
-    import lightning as L
-
     from adamerge.core.merged import MergedModel
     from adamerge.core.pool import make_pool
-    from adamerge.engine.module import AUTO_TRIALS, MergeModule
+    from adamerge.engine.module import MergeModule
     from adamerge.objectives.entropy import entropy_objective
 
     base = build_base(args.model, args.seed)
@@ -218,34 +216,45 @@ def worker_adamerge(args):
     options = {"activation_checkpointing": args.checkpointing, "compile": args.compile}
     merged = MergedModel(pool, granularity="layer", init=0.3, **options)
     module = MergeModule(merged, entropy_objective, partial(torch.optim.Adam, lr=1e-3), backward=args.backward)
-    if args.backward == "auto":  # auto's trial steps (split and concat, alternating) are not timed
-        args.warmup += 2 * AUTO_TRIALS
     batch = {
         f"task{k}": to_device(b, args.device)
         for k, b in enumerate(task_batches(args.model, args.seed, args.K, args.batch))
     }
-    total = args.warmup + args.steps + (1 if args.profile else 0)
+    emit(fit_timed(module, batch, args.device, args.precision, args.warmup, args.steps, args.profile))
+
+
+def fit_timed(module, batch: dict, device: str, precision: str, warmup: int, steps: int, profile: bool = False) -> dict:
+    """Run ``module`` (a ``MergeModule``) on ``batch`` under a minimal ``lightning.Trainer`` (``bf16``: bf16-mixed);
+    a callback times each step. Returns the timed steps' times, their peak memory (MiB) and the backward mode used.
+    ``backward=auto``'s trial steps (split and concat, alternating) are not timed."""
+    import lightning as L
+
+    from adamerge.engine.module import AUTO_TRIALS
+
+    if module.backward_mode == "auto":
+        warmup += 2 * AUTO_TRIALS
+    total = warmup + steps + (1 if profile else 0)
 
     class Timer(L.Callback):
         def __init__(self):
-            self.times, self.memory, self.mib, self.prof = [], PeakMemory(args.device), None, None
+            self.times, self.memory, self.mib, self.prof = [], PeakMemory(device), None, None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == args.warmup:
+            if batch_idx == warmup:
                 self.memory.start()
-            if args.profile and batch_idx == args.warmup + args.steps:
+            if profile and batch_idx == warmup + steps:
                 self.prof = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU]
-                    + ([torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+                    + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
                 )
                 self.prof.__enter__()
-            sync(args.device)
+            sync(device)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            sync(args.device)
+            sync(device)
             self.times.append(time.perf_counter() - self.t0)
-            if batch_idx == args.warmup + args.steps - 1:
+            if batch_idx == warmup + steps - 1:
                 self.mib = self.memory.stop()
             if self.prof is not None:
                 self.prof.__exit__(None, None, None)
@@ -259,20 +268,14 @@ def worker_adamerge(args):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        accelerator="gpu" if device == "cuda" else "cpu",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         devices=1,
         callbacks=[timer],
     )
     loader = torch.utils.data.DataLoader([batch] * total, batch_size=None)
     trainer.fit(module, loader)
-    emit(
-        {
-            "times": timer.times[args.warmup : args.warmup + args.steps],
-            "mib": timer.mib,
-            "mode": module.choose_mode(batch),
-        }
-    )
+    return {"times": timer.times[warmup : warmup + steps], "mib": timer.mib, "mode": module.choose_mode(batch)}
 
 
 def worker_fusionbench(args):
@@ -315,7 +318,7 @@ def worker_fusionbench(args):
         sync(args.device)
         t0 = time.perf_counter()
         for task_head, inputs in zip(heads, batches):
-            with autocast(args):
+            with autocast(args.device, args.precision):
                 logits = task_head(module(**inputs).pooler_output)
             loss = entropy(logits)
             loss.backward(retain_graph=True)
@@ -332,10 +335,10 @@ def worker_fusionbench(args):
 class LimitStep:
     """The limit: the unmerged base with all weights trainable, forward + backward over the K task batches."""
 
-    def __init__(self, args):
-        self.device, self.args = args.device, args
-        self.base = build_base(args.model, args.seed).to(args.device).requires_grad_(True)
-        self.batches = [to_device(b, args.device) for b in task_batches(args.model, args.seed, args.K, args.batch)]
+    def __init__(self, base: nn.Module, batches: list[dict[str, torch.Tensor]], device: str, precision: str):
+        self.device, self.precision = device, precision
+        self.base = base.to(device).requires_grad_(True)
+        self.batches = [to_device(b, device) for b in batches]
         self.joined = {k: torch.cat([b[k] for b in self.batches]) for k in self.batches[0]}
 
     @staticmethod
@@ -353,7 +356,7 @@ class LimitStep:
         self.base.zero_grad(set_to_none=True)
         sync(self.device)
         t0 = time.perf_counter()
-        with autocast(self.args):
+        with autocast(self.device, self.precision):
             getattr(self, mode)()
         sync(self.device)
         return time.perf_counter() - t0
@@ -361,7 +364,8 @@ class LimitStep:
 
 def worker_limit(args):
     """The limit on its own (for its peak memory): the K batches concatenated, and K separate passes."""
-    limit = LimitStep(args)
+    batches = task_batches(args.model, args.seed, args.K, args.batch)
+    limit = LimitStep(build_base(args.model, args.seed), batches, args.device, args.precision)
     result = {}
     for mode in LIMIT_MODES:
         memory, times = PeakMemory(args.device), []
