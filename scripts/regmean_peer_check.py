@@ -115,7 +115,7 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
     """RegMean statistics + solve on the cached MiniLM experts, ours and FusionBench's, on the same batches."""
     from adamerge.methods.regmean import RegMean
     from adamerge.methods.statistics import calibration_batches
-    from adamerge.testbeds.minilm import expert_pool
+    from adamerge.testbeds.minilm import build_experts, expert_pool
     from adamerge.testbeds.text_tasks import text_tasks_datamodule
 
     torch.set_num_threads(1)
@@ -132,13 +132,12 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
         deltas = method.deltas(run)
         ours.append(time.perf_counter() - start)
         ours_cpu.append(time.process_time() - start_cpu)
-    folders = [str(p) for p in sorted(cache.glob("experts/*/debian_section"))[:1]]
-    root = Path(folders[0]).parent
+    folders = build_experts(tasks, cache_dir=cache, device="cpu")  # the pool's own folders (cached: no training)
     batches = {
         t: [dict(b) for b in calibration_batches(data.calib[t], examples, 16, data.pad_id, data.seed)] for t in tasks
     }
     state = {
-        "folders": [str(root / t) for t in tasks],
+        "folders": [str(folders[t]) for t in tasks],
         "tasks": tasks,
         "batches": batches,
         "examples": examples,
@@ -147,12 +146,10 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
     }
     theirs = fusion_bench("speed", state, fb_python)
     base = pool.base_tensors()
-    prefix = "bert."
-    diffs = {
-        n: float((base[n] + deltas[n] - theirs["merged"][prefix + n]).abs().max())
-        for n in deltas
-        if prefix + n in theirs["merged"]
-    }
+    # the pool's names are the model's own (bert.encoder...), as are FusionBench's: compared name for name
+    diffs = {n: float((base[n] + deltas[n] - theirs["merged"][n]).abs().max()) for n in deltas if n in theirs["merged"]}
+    if not diffs:
+        raise SystemExit(f"no tensor names in common: ours {sorted(deltas)[:3]}, theirs {sorted(theirs['merged'])[:3]}")
     return {
         "ours_s": ours,
         "fusionbench_s": theirs["times"],

