@@ -43,7 +43,8 @@ def summarize(rows: Mapping[str, Scores], metrics: Sequence[Metric]) -> list[dic
     out = []
     for method, scores in rows.items():
         values = {task: s[primary.name] for task, s in scores.items()}
-        row = {"method": method, **values, "avg": sum(values.values()) / max(len(values), 1)}
+        # a row with no task (the experts' row when no evaluation task maps to an expert) has no average, not 0
+        row = {"method": method, **values, "avg": sum(values.values()) / len(values) if values else math.nan}
         norms = [normalized(v, ref(experts, t), ref(floor, t), primary) for t, v in values.items()]
         norms = [n for n in norms if not math.isnan(n)]
         row["avg_normalized"] = sum(norms) / len(norms) if norms else math.nan
