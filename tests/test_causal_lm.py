@@ -103,3 +103,15 @@ def test_alignment_on_expert_generated_responses(tiny_lm):
     store = objective.teacher.stores["seq1"]
     assert store.positions[:5].tolist() == list(range(PROMPT - 1, PROMPT + 4))  # predicting the 5 response tokens
     assert (merged.coefficients() != 0.1).any()
+
+
+def test_a_row_without_tasks_has_no_average():
+    """The experts' row is empty when no evaluation task maps to an expert (lm-eval tasks): its average was 0."""
+    import math
+
+    from adamerge.evaluation.protocol import EXPERT, FLOOR, Metric
+    from adamerge.evaluation.results import summarize
+
+    rows = {FLOOR: {"t": {"acc": 0.5}}, EXPERT: {}, "merge": {"t": {"acc": 0.75}}}
+    table = {row["method"]: row for row in summarize(rows, [Metric("acc", True)])}
+    assert math.isnan(table[EXPERT]["avg"]) and table["merge"]["avg"] == 0.75
