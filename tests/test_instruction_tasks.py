@@ -71,12 +71,12 @@ def test_multiple_choice_accuracy_and_loss(tiny):
     class Wrapped(torch.nn.Module):  # the merged-model call convention: model(..., params=...)
         def __init__(self):
             super().__init__()
-            self.inner = model
+            self.model = model
 
         device = property(lambda self: torch.device("cpu"))
 
         def forward(self, params=None, **kwargs):
-            return self.inner(**kwargs)
+            return self.model(**kwargs)
 
     scores = MultipleChoice(batch_size=4).score(Wrapped(), {}, fake, "vader_movies")
     correct, nll, count = 0, 0.0, 0

@@ -13,6 +13,7 @@ choices continue it from its key/value cache, so a row costs one prompt forward 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,12 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for a key/value cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    inner = getattr(model, "model", model)  # a merged model runs its base's forward
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def choice_logprobs(model, params: Any, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id=0):
     """``[B, C]`` log-likelihoods of every choice (token ids) after each prompt; ``choices`` shared by the batch.
@@ -67,13 +74,14 @@ def choice_logprobs(model, params: Any, prompts: Sequence[Sequence[int]], choice
         answers[c, : len(tokens)] = torch.as_tensor(tokens)
     scores = first[:, answers[:, 0]]  # (B, C)
     if width > 1:  # the later tokens: every choice continues every prompt from its cache
-        cache = out.past_key_values
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         cache.batch_repeat_interleave(C)
         rest = answers[:, :-1].repeat(B, 1)  # (B*C, width-1): inputs; row b*C + c is prompt b, choice c
         mask2 = torch.cat([mask.repeat_interleave(C, 0), torch.ones_like(rest)], 1)
         start = mask.sum(1).repeat_interleave(C)[:, None]
         pos2 = start + torch.arange(width - 1, device=device)
-        logits = call(input_ids=rest, attention_mask=mask2, position_ids=pos2, past_key_values=cache).logits
+        kwargs = {cache_keyword(model): cache}
+        logits = call(input_ids=rest, attention_mask=mask2, position_ids=pos2, **kwargs).logits
         logp = torch.log_softmax(logits.float(), -1)  # (B*C, width-1, V)
         targets = answers[:, 1:].repeat(B, 1)
         token_lp = logp.gather(-1, targets[..., None])[..., 0]  # (B*C, width-1)
