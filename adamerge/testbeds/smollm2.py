@@ -144,9 +144,9 @@ class Recipe:
 
     kind: str = "lora"
     """``lora`` (a PEFT adapter on ``lora_targets``) or ``full`` (every weight trains)."""
-    steps: int = 100
+    steps: int = 40
     """AdamW steps (linear decay to 0) on the answer tokens."""
-    lr: float = 1.0e-3
+    lr: float = 2.0e-3
     batch_size: int = 8
     lora_rank: int = 8
     lora_alpha: float = 16.0
