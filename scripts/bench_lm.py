@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_lm")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method or method+objective per row")
     parser.add_argument("--steps", type=int, default=None, help="learned methods' steps (default: their tuning)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every row (experts.*, data.*, seed=...)")
-    args = parser.parse_args()
+    parser.epilog = "Any other key=value argument is a Hydra override for every row (experts.*, data.*, seed=...)."
+    argv = sys.argv[1:]  # overrides may follow --methods: told apart by their '=', not by position
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
     from hydra.utils import instantiate

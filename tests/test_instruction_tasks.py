@@ -139,3 +139,41 @@ def test_smollm2_base_loads_as_a_plain_folder():
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert tokenizer.chat_template and model.config.num_hidden_layers == 30
     assert "quantization_config" not in model.config.to_dict()
+
+
+@pytest.mark.slow
+def test_bench_lm_writes_every_row(cache, tmp_path):
+    """scripts/bench_lm.py on the tiny base: the floor, each expert, task arithmetic and each method, with times."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_lm.py"
+    overrides = ["experts.base=tiny", "experts.recipe.steps=10", "experts.recipe.max_train=32"]
+    overrides += ["experts.tasks=[vader_movies,debian_section]", "data.max_eval=6", "data.max_calib=2"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--methods",
+        "ties",
+        "adamerging+entropy",
+    ]
+    env = os.environ | {"ADAMERGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, *overrides], check=True, env=env, capture_output=True)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert list(rows) == [
+        "base (floor)",
+        "task arithmetic (lam=0.3)",
+        "expert vader_movies (own task)",
+        "expert debian_section (own task)",
+        "ties",
+        "adamerging (entropy)",
+    ]
+    assert set(rows["ties"]["debian_section"]) == {"accuracy", "loss"}
+    assert "| adamerging (entropy) |" in (tmp_path / "results.md").read_text()
