@@ -15,10 +15,17 @@ Papers:
       ``softmax(T * Norm(tau_i * tau_i))`` (temperature ``T``, the number of tasks by default) times inter-balancing
       ``sum_j softmax(Norm(tau_i * tau_j))`` gives ``beta_i``; only the top ``ratio`` of ``beta_i`` survives
       (``beta_hat_i``), and the merge is ``lambda * sum_i beta_hat_i tau_i / sum_i beta_hat_i``. ``Norm`` is min-max
-      scaling to [0, 1] (the authors' ``normalize``). Definitional notes: the authors' released code replaces the
-      inter-balancing softmax by ``tanh(tau_i * sum_j tau_j)``, uses ``exp`` without the softmax's normaliser and first
-      clips magnitudes at their 0.01% quantiles; this follows the paper's equations. Like TIES here, it works per
-      tensor, where the paper flattens the whole model.
+      scaling to [0, 1] (the authors' ``normalize``). Definitional notes: the authors' released code
+      (duguodong7/pcb-merging) uses ``exp`` without the softmax's normaliser (a per-task factor, so the same
+      selection), replaces the inter-balancing softmax by a ``tanh`` (``pcb-merging.py``: ``tanh(tau_i * sum_j
+      tau_j)``; ``vision_source_code/pcb_ES.py``: ``sum_j tanh(N_i * N_j)`` with ``N = sign(tau) Norm(|tau|)``), first
+      clips magnitudes at their 0.01% (``pcb-merging.py``) or 1% (``vision_source_code``) quantiles, and weights the
+      kept entries by the min-max-normalised scores after flooring them at the top-``ratio`` threshold; this follows
+      the paper's equations. Like TIES here, it works per tensor, where the authors flatten the whole model.
+      Defaults: ``ratio = 0.05``, ``lambda = 1.2``, the authors' CLIP ViT-B/32 8-task run
+      (``vision_source_code/pcb.py``: ``att_ratio = 0.05``, ``lams = 1.2``; ``pcb_ES.py`` then tunes one lambda per
+      task in [0.8, 1.3] on validation data); their T5 runs use ratios 0.05-0.2 with lambda searched over 0.8-2.2
+      (``run_merging.sh``).
 """
 
 from __future__ import annotations
@@ -286,9 +293,9 @@ class PCB:
     """
 
     name: str
-    ratio: float = 0.1
+    ratio: float = 0.05
     temperature: float | None = None
-    weights: float = 1.0
+    weights: float = 1.2
 
     calibration_steps = 0
 

@@ -18,11 +18,17 @@ Papers:
       2024. https://arxiv.org/abs/2406.11617. MAGPRUNE: within each node (a row of a weight matrix; a vector is one
       row) the entries are ranked by magnitude, ``r_i = 0`` the largest; entry ``i`` is dropped with probability
       ``p_i = p - eps/2 + eps * r_i / n`` (so larger entries are dropped less, the mean rate stays ``p``), survivors
-      are rescaled by ``1 / (1 - p_i)``; then TIES' elect and disjoint mean ("fuse"), times ``lambda``.
+      are rescaled by ``1 / (1 - p_i)``; then TIES' elect and disjoint mean ("fuse"), times ``lambda``. The
+      authors' code (declare-lab/della, ``mergekit/mergekit/sparsify.py``, ``rank_magnitude``) also ranks per row
+      and spaces the probabilities by ``rank / (n - 1)``, not ``rank / n``: the largest drop probability differs
+      by ``eps / n``. Their recipe: ``p = 0.3``, window ``eps = 0.14``, ``lambda = 1.1`` (README).
     - Model Breadcrumbs: Davari and Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
       Masks", ECCV 2024. https://arxiv.org/abs/2312.06795. Per task and layer (tensor), drop the ``bottom`` fraction
       of entries with the smallest magnitudes and the ``top`` fraction with the largest (outliers), then task
-      arithmetic.
+      arithmetic. The authors' code (rezazzr/breadcrumbs, ``src/task_vectors.py``, ``TaskVectorMiddleKeep``) ranks
+      within each row (last dimension) of a matrix instead of the whole tensor, removes the top fraction first and
+      then keeps a ``beta`` fraction of the row, and tunes ``beta``, ``gamma`` and ``lambda`` per setting
+      (``find_best_hyperparam.py``: ``beta`` 0.05-0.20, ``gamma`` 0.001-0.01, ``lambda`` 0.01-1).
 """
 
 from __future__ import annotations
@@ -271,7 +277,7 @@ class Breadcrumbs:
     arithmetic.
 
     Attributes:
-        bottom: fraction of each tensor's entries with the smallest magnitudes dropped (the paper's 85% sparsity).
+        bottom: fraction of each tensor's entries with the smallest magnitudes dropped (85% by default).
         top: fraction with the largest magnitudes dropped as outliers.
         weights: lambda of the task arithmetic over the masked vectors.
     """

@@ -21,10 +21,12 @@ For a 2-D parameter with task-vector stack ``tau [K, m, n]`` (``r = min(m, n)``)
 
 Other tensors (biases, norms: not 2-D) are averaged, ``alpha * mean_k tau_k``, as in both papers' code.
 
-Defaults: TSV-M ``alpha = 1``. Iso-C/Iso-CTS tune ``alpha`` per model on validation data; the presets hold our
-reading of the ViT-B/32, 8-task values (Iso-C 1.3, Iso-CTS 1.5; check against the paper's appendix before relying on
-them) and ``common_fraction = 0.8`` (the paper's ``k``, also FusionBench's default). On other models, tune ``alpha``:
-on two tiny causal-LM experts 1.3 is below the base, 0.5 keeps two thirds of the experts' gain.
+Defaults: TSV-M ``alpha = 1``. Iso-C/Iso-CTS tune ``alpha`` per model: the authors' code (danielm1405/iso-merging,
+``src/eval/eval.py``) sweeps 0.1, 0.2, ..., 3.0 on held-out validation splits and keeps the best average accuracy.
+The presets hold the CLIP ViT-B/32, 8-task values (Iso-C 1.3, Iso-CTS 1.5, as run in the RegMean++ authors'
+``experiments/main_results.sh``; B/16 1.4/1.6, L/14 1.5/1.9) and ``common_fraction = 0.8`` (the authors'
+``config/method/iso_cts.yaml``, also FusionBench's default). On other models, tune ``alpha``: on two tiny causal-LM
+experts 1.3 is below the base, 0.5 keeps two thirds of the experts' gain.
 
 Per-task form (``transform``, for learners): TSV-M's row k is ``alpha * U_perp[:, block k] S_k V_perp[:, block k]^T``
 (``alpha * tau_k / K`` for other tensors), whose sum is the merge. Iso-C and Iso-CTS define only a merged matrix:
