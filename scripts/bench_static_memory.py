@@ -22,16 +22,9 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
+from adamerge.testbeds.random_llama import LLAMA_SHAPES
+
+SMOLLM2_135M = LLAMA_SHAPES["smollm2-135m"] | {"max_position_embeddings": 2048}
 
 
 def build_models(root: Path, experts: int, scale: float, layers: int | None, dtype: str) -> tuple[Path, list[Path]]:
