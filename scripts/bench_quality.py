@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# 0.025 and 0.05: on the hard preset the best lambda was the old grid's edge, 0.1 (interfering task vectors)
-TA_GRID = [0.025, 0.05] + [round(0.1 * i, 1) for i in range(1, 11)]
+# 0.025 to 0.075: on the hard preset the best lambda was the old grid's edge, 0.1 (interfering task vectors)
+TA_GRID = [0.025, 0.05, 0.075] + [round(0.1 * i, 1) for i in range(1, 11)]
 PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}  # conf/experts/<file>.yaml
 TA_BEST = "task arithmetic (lam={lam:g}, grid on calib labels)"
 MULTITASK = "multi-task model"
