@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adamerge.atomic import atomic_path
 from adamerge.testbeds.minilm import cache_root, data_key, default_device, task_seed
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,6 @@ CHAT_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------------------------------- the base
-
-
-def atomic_folder(folder: Path):
-    """A ``.tmp`` sibling to write into; ``commit(tmp)`` renames it: a folder is complete or absent."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit(tmp: Path, folder: Path) -> Path:
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def save_smollm2(folder: Path) -> Path:
@@ -78,10 +64,10 @@ def save_smollm2(folder: Path) -> Path:
     config.pop("quantization_config", None)  # what makes save_pretrained refuse the GGUF-loaded model
     model = LlamaForCausalLM(LlamaConfig(**config))
     model.load_state_dict(loaded.state_dict())
-    tmp = atomic_folder(folder)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return commit(tmp, folder)
+    with atomic_path(folder, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
 
 
 def byte_chat_tokenizer():
@@ -116,10 +102,10 @@ def save_tiny(folder: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    tmp = atomic_folder(folder)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return commit(tmp, folder)
+    with atomic_path(folder, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
 
 
 def base_folder(base: str = "smollm2", cache_dir: str | Path | None = None) -> str:
@@ -234,12 +220,11 @@ def train_expert(base: str, task: str, recipe: Recipe, folder: Path, device: str
             )
             model = get_peft_model(model, lora)
         curve = finetune(model, data, recipe, seed, tokenizer.pad_token_id or 0, desc=f"expert {task}")
-    tmp = atomic_folder(folder)
-    model.cpu().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     meta = {"task": task, "kind": recipe.kind, "train_loss_every_10_steps": curve}
-    (tmp / "recipe.json").write_text(json.dumps(meta | dataclasses.asdict(recipe), indent=1))
-    commit(tmp, folder)
+    with atomic_path(folder, directory=True) as tmp:
+        model.cpu().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(meta | dataclasses.asdict(recipe), indent=1))
     return meta
 
 
