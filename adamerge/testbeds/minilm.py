@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from adamerge.atomic import atomic_path
 from adamerge.core.pool import ExpertPool, load_pool
 from adamerge.testbeds.assets import minilm_path
 from adamerge.testbeds.text_tasks import load_task, task_fingerprint
@@ -247,13 +247,10 @@ def save_model(model: nn.Module, tokenizer_source: str, folder: Path, meta: Mapp
     """``save_pretrained`` + tokenizer + a ``recipe.json``, written beside and renamed: a folder is complete or absent."""
     from transformers import AutoTokenizer
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.cpu().save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_path(folder, directory=True) as tmp:
+        model.cpu().save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(meta, indent=1))
 
 
 def expert_dir(tasks_key: str, recipe: Recipe, base: str | None, cache_dir: str | Path | None) -> Path:
