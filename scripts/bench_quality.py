@@ -6,7 +6,8 @@
     python scripts/bench_quality.py --steps 30 --seeds 0 --max-eval 200   # quicker
     python scripts/bench_quality.py --preset hard --multitask             # 7 tasks, converged experts (slow)
 
-An interrupted run resumes: rows already in ``<out>.partial.json`` from the same setup are kept, not re-run.
+An interrupted run resumes: rows already in ``<out>.partial.json`` from the same setup are kept, not re-run, and a
+rerun with more ``--seeds`` runs only the seeds a row lacks.
 
 The pool (experts built or reused from the cache) is loaded once and shared by all methods. Rows: the floor (base
 backbone read through the probe heads: no merging), each expert on its own task (the ceiling of normalized
@@ -101,14 +102,13 @@ def run_bench(args) -> dict:
     from adamerge.pipeline import check_tasks
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
-    base = [f"experiment={args.experiment}", f"experts={PRESETS[args.preset]}", f"paths.output_dir={work}"]
-    base += ["~logger", "export=false"]
+    base = [f"experiment={args.experiment}", f"experts={PRESETS[args.preset]}", "~logger", "export=false"]
     if args.tasks:
         base.append(f"experts.tasks=[{args.tasks}]")
     if args.max_eval:
         base.append(f"data.max_eval={args.max_eval}")
     # method.* overrides may name keys of one method only (method.eta): they join each method's own compose
-    cfg = compose_cfg(base + [o for o in args.overrides if not o.lstrip("+~").startswith("method.")])
+    cfg = compose_cfg(base + [f"paths.output_dir={work}"] + [o for o in args.overrides if not _is_method_key(o)])
     base += args.overrides
     wanted = set(args.methods.split(",")) if args.methods else None
     registered = {spec.name: spec for spec in methods()}
@@ -119,11 +119,11 @@ def run_bench(args) -> dict:
     if unknown or any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"unknown methods {unknown} or malformed --compose {args.compose!r}; see `adamerge methods`")
     partial = Path(args.out).with_suffix(".partial.json")
-    setup = {"overrides": base, "seeds": args.seeds, "steps": args.steps}
+    setup = {"overrides": base, "steps": args.steps}  # seeds are per row: more seeds later extend a row
     results = resumed(partial, setup)
 
-    def record(name, accs_per_seed, seeds, steps, wall, **extra):
-        results[name] = {"accs": accs_per_seed, "seeds": seeds, "steps": steps, "wall_s": wall, **extra}
+    def record(name, accs_per_seed, seeds, steps, walls, **extra):
+        results[name] = joined_row(results.get(name), accs_per_seed, seeds, steps, walls, **extra)
         write_text(partial, json.dumps({"setup": setup, "results": results}, indent=1, default=str))
 
     start = time.perf_counter()
@@ -142,8 +142,8 @@ def run_bench(args) -> dict:
     t = time.perf_counter()
     if FLOOR not in results or EXPERT not in results:
         refs = {row: accuracies(scores) for row, scores in reference_rows(merged, evaluator, data, 0.3).items()}
-        record(FLOOR, [refs[FLOOR]], [], 0, 0.0)
-        record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, pool_s, note="wall = building/loading the pool")
+        record(FLOOR, [refs[FLOOR]], [], 0, [0.0])
+        record(EXPERT, [refs[EXPERT]], [], cfg.experts.recipe.steps, [pool_s], note="wall = building/loading the pool")
     ref_s = time.perf_counter() - t
 
     if args.multitask and MULTITASK not in results:
@@ -156,24 +156,26 @@ def run_bench(args) -> dict:
         )
         wall = time.perf_counter() - t
         params = multitask_params(folder, merged.names)
-        record(MULTITASK, [accuracies(evaluator.evaluate(merged, params, data))], [], recipe.steps, wall)
+        record(MULTITASK, [accuracies(evaluator.evaluate(merged, params, data))], [], recipe.steps, [wall])
 
     if (wanted is None or "task_arithmetic" in wanted) and not any(n.startswith(TA_BEST[:20]) for n in results):
         t = time.perf_counter()
         best, grid = task_arithmetic_grid(merged, evaluator, calib)
         wall = time.perf_counter() - t
         accs = accuracies(evaluator.evaluate(merged, merged.constant_params(best), data))
-        record(TA_BEST.format(lam=best), [accs], [], 0, wall, grid=grid)
+        record(TA_BEST.format(lam=best), [accs], [], 0, [wall], grid=grid)
 
     seeds = [int(s) for s in args.seeds.split(",")]
     for spec in registered.values():
-        if (wanted is None or spec.name in wanted) and spec.name not in results:
-            run_method(spec, seeds if random(spec) else [None], args, base, work, pool, evaluator, record)
+        if wanted is None or spec.name in wanted:
+            todo = missing_seeds(results, spec.name, seeds if random(spec) else [None])
+            if todo:
+                run_method(spec, todo, args, base, work, pool, evaluator, record)
     for learner, transform in pairs:
-        if f"{learner} over {transform}" not in results:
-            spec = registered[learner]
+        name = f"{learner} over {transform}"
+        if todo := missing_seeds(results, name, seeds):
             extra = [f"method.transform={transform}"]
-            run_method(spec, seeds, args, base, work, pool, evaluator, record, extra, f"{learner} over {transform}")
+            run_method(registered[learner], todo, args, base, work, pool, evaluator, record, extra, name)
     return {
         "tasks": tasks,
         "results": results,
@@ -181,6 +183,10 @@ def run_bench(args) -> dict:
         "reference_s": ref_s,
         "config": str(cfg.experts.recipe),
     }
+
+
+def _is_method_key(override: str) -> bool:
+    return override.lstrip("+~").startswith("method.")
 
 
 def resumed(partial: Path, setup: dict) -> dict:
@@ -193,6 +199,25 @@ def resumed(partial: Path, setup: dict) -> dict:
         return {}
     log.info("resuming: %d rows from %s (%s)", len(saved["results"]), partial, ", ".join(saved["results"]))
     return saved["results"]
+
+
+def joined_row(row: dict | None, accs: list, seeds: list, steps: int, walls: list, **extra) -> dict:
+    """A table row; seeds run after an interruption (or asked for later) join the row's earlier seeds."""
+    row = {"accs": [], "seeds": [], "walls": [], "coefficients": []} | (row or {})
+    row = row | {
+        "accs": row["accs"] + accs,
+        "seeds": row["seeds"] + seeds,
+        "walls": row["walls"] + walls,
+        "coefficients": row["coefficients"] + extra.pop("coefficients", []),
+    }
+    return row | {"steps": steps, "wall_s": statistics.mean(row["walls"]), **extra}
+
+
+def missing_seeds(results: dict, name: str, seeds: list) -> list:
+    """The seeds a row still needs: all of them for a new row, none for a finished seedless row ([None])."""
+    if name not in results:
+        return seeds
+    return [s for s in seeds if s is not None and s not in results[name]["seeds"]]
 
 
 def task_vector_geometry(task_vectors: dict, tasks: list[str]) -> dict:
@@ -250,9 +275,9 @@ def run_method(spec, seeds, args, base, work, pool, evaluator, record, extra=(),
         log.info("%s seed %s: %s (%.0f s)", name, seed, accs[-1], walls[-1])
     lr = method.optimizer["lr"] if spec.kind == "learned" else None
     used = [mcfg.seed] if seeds == [None] else seeds
-    record(name, accs, used, steps, statistics.mean(walls), lr=lr, coefficients=coefs)
+    record(name, accs, used, steps, walls, lr=lr, coefficients=coefs)
     if per_task:
-        record(f"{name} (per-task)", per_task, used, steps, statistics.mean(walls))
+        record(f"{name} (per-task)", per_task, used, steps, walls)
 
 
 def normalized(bench: dict) -> dict[str, list[float]]:

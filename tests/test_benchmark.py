@@ -234,7 +234,14 @@ def test_bench_quality_gap_closed_geometry_figure_and_resume(tmp_path):
     assert bench.figure(data, tmp_path / "bench.png").stat().st_size > 1000
 
     partial = tmp_path / "bench.partial.json"
-    setup = {"overrides": ["x"], "seeds": "0", "steps": 3}
+    setup = {"overrides": ["x"], "steps": 3}
     partial.write_text(json.dumps({"setup": setup, "results": results}))
     assert bench.resumed(partial, setup) == results
     assert bench.resumed(partial, setup | {"steps": 4}) == {}  # another setup: afresh
+
+    # more seeds later: only the ones a row lacks run, and they join the row
+    assert bench.missing_seeds(results, "m", [0, 1, 2]) == [2]
+    assert bench.missing_seeds(results, "new", [0, 1]) == [0, 1]
+    assert bench.missing_seeds(results, "expert (own task)", [None]) == []  # a seedless row, done
+    row = bench.joined_row(results["m"] | {"walls": [1, 1]}, [{"a": 0.4, "b": 0.45}], [2], 5, [4.0], lr=0.1)
+    assert row["seeds"] == [0, 1, 2] and len(row["accs"]) == 3 and row["wall_s"] == 2.0 and row["lr"] == 0.1
