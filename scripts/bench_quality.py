@@ -5,9 +5,15 @@
     python scripts/bench_quality.py --multitask --seeds 0,1,2 --out bench_quality.md
     python scripts/bench_quality.py --steps 30 --seeds 0 --max-eval 200   # quicker
     python scripts/bench_quality.py --preset hard --multitask             # 7 tasks, converged experts (slow)
+    python scripts/bench_quality.py --preset hard --expert-seeds 0,1      # + a second set of experts: the noise
 
 An interrupted run resumes: rows already in ``<out>.partial.json`` from the same setup are kept, not re-run, and a
 rerun with more ``--seeds`` runs only the seeds a row lacks.
+
+With ``--expert-seeds`` the whole bench runs once per set of experts (``experts.recipe.seed``; files
+``<out stem>.experts<seed>.*``) and ``--out`` gets the table across them: each method's average normalized accuracy
+per set of experts, the spread between the sets (the experts' training noise) beside the spread over calibration
+seeds, and which methods beat task arithmetic at its best lambda on every set by more than that noise.
 
 The pool (experts built or reused from the cache) is loaded once and shared by all methods. Rows: the floor (base
 backbone read through the probe heads: no merging), each expert on its own task (the ceiling of normalized
@@ -34,6 +40,7 @@ TA_GRID = [0.025, 0.05, 0.075] + [round(0.1 * i, 1) for i in range(1, 11)]
 PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}  # conf/experts/<file>.yaml
 TA_BEST = "task arithmetic (lam={lam:g}, grid on calib labels)"
 MULTITASK = "multi-task model"
+TA_ACROSS = "task arithmetic (best lambda on calib)"
 
 log = logging.getLogger("bench_quality")
 
@@ -55,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-eval", type=int, default=None, help="cap on test examples per task")
     p.add_argument("--multitask", action="store_true", help="also build and judge the multi-task model")
     p.add_argument("--out", default="bench_quality.md", help="markdown table (JSON beside it)")
+    p.add_argument(
+        "--expert-seeds",
+        default=None,
+        help="comma-separated experts.recipe.seed values: one bench per set of experts, and the table across them",
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. experts.recipe.steps=50")
     return p.parse_args(argv)
 
@@ -297,6 +309,8 @@ def best_task_arithmetic(results: dict) -> str | None:
 
 def gap_closed(score: float, task_arithmetic: float) -> float:
     """How much of the way from task arithmetic (at its best lambda) to the experts (normalized 1.0) a row goes."""
+    if task_arithmetic >= 1.0:  # nothing left to close (experts that barely train)
+        return float("nan")
     return (score - task_arithmetic) / (1.0 - task_arithmetic)
 
 
@@ -359,28 +373,115 @@ def figure(bench: dict, path: Path) -> Path:
     return save_figure(method_bars(bars, lines, f"{len(bench['tasks'])} tasks: average normalized accuracy"), path)
 
 
-def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import transformers
+def canonical(name: str) -> str:
+    """Task arithmetic's row is named by its lambda, which each set of experts picks for itself."""
+    return TA_ACROSS if name.startswith(TA_BEST[:20]) else name
 
-    transformers.logging.set_verbosity_error()
-    args = parse_args(argv)
-    start = time.perf_counter()
-    bench = run_bench(args)
-    bench["total_s"] = time.perf_counter() - start
+
+def across_experts(benches: dict[int, dict]) -> dict:
+    """{expert seed: bench} -> per method (in all benches): the average normalized accuracy per set of experts
+    (mean over calibration seeds), the calibration-seed std (largest over sets), the spread between the sets, and
+    whether it beats task arithmetic at its best lambda on every set by more than both rows' expert spreads."""
+    per_set = {seed: {canonical(n): v for n, v in normalized(b).items()} for seed, b in benches.items()}
+    names = [n for n in per_set[next(iter(per_set))] if all(n in rows for rows in per_set.values())]
+    rows = {}
+    for name in names:
+        values = [rows_[name] for rows_ in per_set.values()]
+        means = [statistics.mean(v) for v in values]
+        rows[name] = {
+            "per_set": dict(zip(per_set, means)),
+            "mean": statistics.mean(means),
+            "expert_spread": max(means) - min(means),
+            "seed_std": max((statistics.stdev(v) for v in values if len(v) > 1), default=None),
+        }
+    ta = rows.get(TA_ACROSS)
+    for name, row in rows.items():
+        if ta is not None and name != TA_ACROSS:
+            margins = [row["per_set"][s] - ta["per_set"][s] for s in per_set]
+            noise = row["expert_spread"] + ta["expert_spread"]
+            row["vs_ta"] = "above" if min(margins) > noise else "below" if max(margins) < -noise else "within noise"
+    return rows
+
+
+def across_markdown(rows: dict, seeds: list[int]) -> str:
+    header = [f"experts seed {s}" for s in seeds] + ["mean", "expert spread", "calib-seed std", "vs task arithmetic"]
+    lines = ["| method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
+        std = "" if row["seed_std"] is None else f"{row['seed_std']:.3f}"
+        cells = [f"{row['per_set'][s]:.3f}" for s in seeds]
+        cells += [f"{row['mean']:.3f}", f"{row['expert_spread']:.3f}", std, row.get("vs_ta", "")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def across_figure(rows: dict, path: Path) -> Path:
+    """Methods as bars over the sets of experts (error bar: their std); floor, task arithmetic, multi-task model and
+    experts as lines."""
+    from adamerge.artifacts.plots import method_bars, save_figure
+    from adamerge.evaluation.protocol import EXPERT, FLOOR
+
+    labels = {FLOOR: "floor (base + heads)", EXPERT: "experts", MULTITASK: "multi-task model", TA_ACROSS: TA_ACROSS}
+    lines = {label: rows[name]["mean"] for name, label in labels.items() if name in rows}
+    bars = {name: list(row["per_set"].values()) for name, row in rows.items() if name not in labels}
+    title = f"{len(next(iter(rows.values()))['per_set'])} sets of experts: average normalized accuracy"
+    return save_figure(method_bars(bars, lines, title), path)
+
+
+def write_bench(bench: dict, out: Path) -> str:
+    """The table of one bench (markdown at ``out``, JSON and figure beside it); returns the markdown."""
+    from adamerge.atomic import write_text
+
     text = to_markdown(table(bench))
     text += (
         "\nCells: accuracy / normalized accuracy (acc / expert acc). Learned methods: mean over seeds. Gap closed: "
         "(row - task arithmetic at its best lambda) / (experts - task arithmetic), on the average normalized "
-        f"accuracy. Total wall time {bench['total_s']:.0f} s.\n\nTask vectors (all merged tensors):\n\n"
+        f"accuracy. Wall time of this process {bench['total_s']:.0f} s (rows resumed from a partial file not counted).\n\nTask vectors (all merged tensors):\n\n"
     )
     text += geometry_markdown(bench)
-    print(text)
+    write_text(out, text)
+    write_text(out.with_suffix(".json"), json.dumps(bench, indent=1, default=str))
+    figure(bench, out.with_suffix(".png"))
+    return text
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import transformers
+
+    from adamerge.atomic import write_text
+
+    transformers.logging.set_verbosity_error()
+    args = parse_args(argv)
     out = Path(args.out)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(bench, indent=1, default=str))
-    plot = figure(bench, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.json')} and {plot}")
+    if args.expert_seeds is None:
+        start = time.perf_counter()
+        bench = run_bench(args)
+        bench["total_s"] = time.perf_counter() - start
+        print(write_bench(bench, out))
+        print(f"wrote {out} and its .json, .png")
+        return
+    seeds = [int(s) for s in args.expert_seeds.split(",")]
+    benches = {}
+    for seed in seeds:  # each set of experts: its own resumable bench and files
+        one = argparse.Namespace(**vars(args))
+        one.overrides = [*args.overrides, f"experts.recipe.seed={seed}"]
+        one.out = str(out.with_name(f"{out.stem}.experts{seed}{out.suffix}"))
+        start = time.perf_counter()
+        benches[seed] = run_bench(one)
+        benches[seed]["total_s"] = time.perf_counter() - start
+        write_bench(benches[seed], Path(one.out))
+    rows = across_experts(benches)
+    text = across_markdown(rows, seeds)
+    text += (
+        "\nAverage normalized accuracy per set of experts (mean over calibration seeds). Expert spread: max - min "
+        "over the sets of experts. vs task arithmetic: above or below its best lambda on every set by more than the "
+        "two rows' expert spreads together, else within noise.\n"
+    )
+    write_text(out, text)
+    write_text(out.with_suffix(".json"), json.dumps({"seeds": seeds, "rows": rows}, indent=1))
+    across_figure(rows, out.with_suffix(".png"))
+    print(text)
+    print(f"wrote {out} and its .json, .png; one bench per set of experts beside it")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,22 @@ def test_whole_benchmark_reduced(tmp_path, cache):
     assert len(record["results"]["adamerging"]["accs"]) == 2
 
 
+@pytest.mark.slow
+def test_bench_quality_over_two_sets_of_experts(tmp_path, cache):
+    """--expert-seeds: one resumable bench per set of experts (different experts), and the table across them."""
+    bench = load_script("bench_quality")
+    out = tmp_path / "bench.md"
+    recipe = [f"experts.recipe.{k}={v}" for k, v in TINY_RECIPE.items()]
+    args = ["--tasks", "debian_section,vader_movies", "--methods", "task_arithmetic,ties", "--max-eval", "32"]
+    bench.main([*args, "--expert-seeds", "0,1", "--out", str(out), *recipe])
+    per_set = [json.loads((tmp_path / f"bench.experts{s}.json").read_text()) for s in (0, 1)]
+    assert per_set[0]["config"] != per_set[1]["config"]  # another recipe seed: other experts
+    across = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert set(across) >= {"ties", "task_arithmetic", bench.TA_ACROSS, "base + heads (floor)"}
+    assert set(across["ties"]["per_set"]) == {"0", "1"} and "vs_ta" in across["ties"]
+    assert "| ties |" in out.read_text() and out.with_suffix(".png").is_file()
+
+
 def test_bench_quality_refuses_unknown_methods_before_any_work():
     """It used to skip a misspelled --methods name silently (and run nothing for it)."""
     import importlib.util
@@ -245,3 +261,31 @@ def test_bench_quality_gap_closed_geometry_figure_and_resume(tmp_path):
     assert bench.missing_seeds(results, "expert (own task)", [None]) == []  # a seedless row, done
     row = bench.joined_row(results["m"] | {"walls": [1, 1]}, [{"a": 0.4, "b": 0.45}], [2], 5, [4.0], lr=0.1)
     assert row["seeds"] == [0, 1, 2] and len(row["accs"]) == 3 and row["wall_s"] == 2.0 and row["lr"] == 0.1
+
+
+def test_bench_quality_across_sets_of_experts(tmp_path):
+    """Two sets of experts: per-set means, the spread between them, and 'above task arithmetic' only beyond it."""
+    bench = load_script("bench_quality")
+
+    def one(ta_lam, ta, good, noisy):
+        expert = {"a": 1.0, "b": 1.0}
+        results = {
+            "expert (own task)": {"accs": [expert], "seeds": []},
+            bench.TA_BEST.format(lam=ta_lam): {"accs": [{"a": ta, "b": ta}], "seeds": []},
+            "good": {"accs": [{"a": good, "b": good}, {"a": good + 0.02, "b": good + 0.02}], "seeds": [0, 1]},
+            "noisy": {"accs": [{"a": noisy, "b": noisy}], "seeds": [0]},
+        }
+        return {"tasks": ["a", "b"], "results": results}
+
+    rows = bench.across_experts({0: one(0.1, 0.80, 0.90, 0.85), 1: one(0.3, 0.82, 0.93, 0.78)})
+    ta = rows[bench.TA_ACROSS]  # the two sets picked different lambdas: still one row
+    assert ta["per_set"] == {0: 0.80, 1: 0.82} and abs(ta["expert_spread"] - 0.02) < 1e-12
+    good = rows["good"]
+    assert abs(good["per_set"][0] - 0.91) < 1e-12 and abs(good["expert_spread"] - 0.03) < 1e-12
+    assert abs(good["seed_std"] - 0.02 * 2**-0.5) < 1e-12
+    assert good["vs_ta"] == "above"  # margins 0.11, 0.12 > 0.03 + 0.02
+    assert rows["noisy"]["vs_ta"] == "within noise"  # +0.05 then -0.04: the experts decide
+    text = bench.across_markdown(rows, [0, 1])
+    assert text.index("| good |") < text.index("| noisy |")  # best first
+    assert "| good | 0.910 | 0.940 | 0.925 | 0.030 | 0.014 | above |" in text
+    assert bench.across_figure(rows, tmp_path / "across.png").stat().st_size > 1000
