@@ -37,7 +37,6 @@ from pathlib import Path
 
 # 0.025 to 0.075: on the hard preset the best lambda was the old grid's edge, 0.1 (interfering task vectors)
 TA_GRID = [0.025, 0.05, 0.075] + [round(0.1 * i, 1) for i in range(1, 11)]
-PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}  # conf/experts/<file>.yaml
 TA_BEST = "task arithmetic (lam={lam:g}, grid on calib labels)"
 MULTITASK = "multi-task model"
 TA_ACROSS = "task arithmetic (best lambda on calib)"
@@ -46,6 +45,8 @@ log = logging.getLogger("bench_quality")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from adamerge.testbeds.minilm import PRESETS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="minilm_text", help="the experiment config to start from")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experts: quick (4 tasks) or hard")
@@ -114,6 +115,8 @@ def run_bench(args) -> dict:
     from adamerge.pipeline import check_tasks
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    from adamerge.testbeds.minilm import PRESETS
+
     base = [f"experiment={args.experiment}", f"experts={PRESETS[args.preset]}", "~logger", "export=false"]
     if args.tasks:
         base.append(f"experts.tasks=[{args.tasks}]")

@@ -1,7 +1,7 @@
 """Peer check of RegMean and Fisher merging against FusionBench 0.2.33 (run by hand, not by the tests).
 
     python scripts/regmean_peer_check.py            # same seeded weights, Grams and Fishers: per-tensor max |diff|
-    OMP_NUM_THREADS=1 python scripts/regmean_peer_check.py --speed   # RegMean on the cached MiniLM experts, timed
+    OMP_NUM_THREADS=1 python scripts/regmean_peer_check.py --speed   # RegMean on the hard preset's 7 experts, timed
 
 FusionBench runs in its own virtual environment (``--fb-python``, default /tmp/fbvenv/bin/python) in a subprocess, on
 tensors handed over with ``torch.save``; this environment never imports it. Definitional differences (padding
@@ -112,16 +112,17 @@ def tensor_check(fb_python: str) -> dict:
 
 
 def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> dict:
-    """RegMean statistics + solve on the cached MiniLM experts, ours and FusionBench's, on the same batches."""
+    """RegMean statistics + solve on the hard preset's 7 cached MiniLM experts, ours and FusionBench's, on the same
+    batches."""
     from adamerge.methods.regmean import RegMean
     from adamerge.methods.statistics import calibration_batches
-    from adamerge.testbeds.minilm import build_experts, expert_pool
+    from adamerge.testbeds.minilm import Recipe, build_experts, expert_pool, preset_experts
     from adamerge.testbeds.text_tasks import text_tasks_datamodule
 
     torch.set_num_threads(1)
-    tasks = ["debian_section", "wordnet_supersense", "manpage_section", "vader_movies"]
-    cache = Path("~/.cache/adamerge").expanduser()
-    pool = expert_pool(tasks, cache_dir=cache, device="cpu")
+    experts = preset_experts("hard")
+    tasks, recipe = experts["tasks"], Recipe(**experts["recipe"])
+    pool = expert_pool(tasks, recipe, device="cpu")
     data = text_tasks_datamodule(tasks, max_length=64, batch_size=16, seed=0)
     data.setup("fit")
     run = SimpleNamespace(pool=pool, data=data, cfg=None)
@@ -132,7 +133,7 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
         deltas = method.deltas(run)
         ours.append(time.perf_counter() - start)
         ours_cpu.append(time.process_time() - start_cpu)
-    folders = build_experts(tasks, cache_dir=cache, device="cpu")  # the pool's own folders (cached: no training)
+    folders = build_experts(tasks, recipe, device="cpu")  # the pool's own folders (cached: no training)
     batches = {
         t: [dict(b) for b in calibration_batches(data.calib[t], examples, 16, data.pad_id, data.seed)] for t in tasks
     }
@@ -168,7 +169,7 @@ def speed_check(fb_python: str, repeats: int, examples: int, alpha: float) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fb-python", default="/tmp/fbvenv/bin/python")
-    parser.add_argument("--speed", action="store_true", help="time RegMean on the cached MiniLM experts")
+    parser.add_argument("--speed", action="store_true", help="time RegMean on the hard preset's experts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--examples", type=int, default=256, help="calibration examples per task (FusionBench's 256)")
     parser.add_argument("--alpha", type=float, default=0.9)

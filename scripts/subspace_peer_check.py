@@ -1,7 +1,7 @@
 """TSV-M, Iso-C, Iso-CTS and WUDI next to FusionBench's implementations: agreement, and speed on real experts.
 
     python scripts/subspace_peer_check.py            # per-tensor max |diff| on seeded random task vectors
-    python scripts/subspace_peer_check.py --speed    # wall time on the cached MiniLM experts, K=4 and K=8
+    python scripts/subspace_peer_check.py --speed    # wall time on the hard preset's MiniLM experts, K=4 and K=8
 
 FusionBench runs in its own virtual environment (``--fb-python``, default ``/tmp/fbvenv/bin/python``) as a
 subprocess on task vectors saved with ``torch.save``, so this environment never imports it. Both sides compute the
@@ -105,15 +105,21 @@ def peer_check(args) -> bool:
 
 
 def minilm_task_vectors(k: int) -> dict:
-    """The real MiniLM pool's task vectors (4 cached experts); K=8 adds 4 perturbed copies (for timing only)."""
-    from adamerge.testbeds.minilm import expert_pool
+    """Real task vectors of the hard preset's cached MiniLM experts (7 tasks, trained to convergence): K=4 its first
+    four tasks, K=8 all seven plus debian_section's expert of the second expert-training seed (all real fine-tunes)."""
+    from adamerge.testbeds.minilm import expert_pool, preset_experts
 
-    tasks = ["debian_section", "wordnet_supersense", "manpage_section", "vader_movies"]
-    vectors = expert_pool(tasks, device="cpu", head_patterns=["classifier.*"]).task_vectors
+    def vectors(seed: int, tasks: list[str] | None = None) -> dict:
+        experts = preset_experts("hard", seed)
+        pool = expert_pool(tasks or experts["tasks"], experts["recipe"], device="cpu", head_patterns=["classifier.*"])
+        return pool.task_vectors
+
+    if k <= 7:
+        return {n: t[:k] for n, t in vectors(0).items()}
     if k == 8:
-        g = torch.Generator().manual_seed(0)
-        vectors = {n: torch.cat([t, t + 0.1 * t.std() * torch.randn(t.shape, generator=g)]) for n, t in vectors.items()}
-    return vectors
+        extra = vectors(1, ["debian_section"])
+        return {n: torch.cat([t, extra[n]]) for n, t in vectors(0).items()}
+    raise SystemExit(f"K={k}: the hard preset has 7 tasks and 2 expert seeds here; use K <= 8")
 
 
 def speed(args) -> None:

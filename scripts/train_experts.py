@@ -17,11 +17,9 @@ import json
 import logging
 import time
 
-PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from adamerge.testbeds.minilm import HEAD_MODES, Recipe
+    from adamerge.testbeds.minilm import HEAD_MODES, PRESETS, Recipe
 
     default = Recipe()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,29 +38,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def preset(name: str) -> dict:
-    """The experts config of a preset (conf/experts/<file>.yaml): its tasks and recipe, as the benchmark uses them."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from adamerge.cli import config_dir, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=minilm_text", f"experts={PRESETS[name]}"])
-    return OmegaConf.to_container(cfg.experts, resolve=True)
-
-
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import transformers
 
-    from adamerge.testbeds.minilm import Recipe, build_experts, build_multitask
+    from adamerge.testbeds.minilm import Recipe, build_experts, build_multitask, preset_experts
     from adamerge.testbeds.text_tasks import available_tasks
 
     transformers.logging.set_verbosity_error()
     args = parse_args(argv)
-    experts = preset(args.preset)
+    experts = preset_experts(args.preset)
     tasks = experts["tasks"] if args.tasks is None else args.tasks.split(",")
     tasks = available_tasks(args.data_dir) if tasks == ["all"] else tasks
     fields = {f.name for f in dataclasses.fields(Recipe)}

@@ -289,3 +289,15 @@ def test_bench_quality_across_sets_of_experts(tmp_path):
     assert text.index("| good |") < text.index("| noisy |")  # best first
     assert "| good | 0.910 | 0.940 | 0.925 | 0.030 | 0.014 | above |" in text
     assert bench.across_figure(rows, tmp_path / "across.png").stat().st_size > 1000
+
+
+def test_presets_are_read_from_their_experts_configs():
+    """The one place scripts read a preset: tasks and recipe from conf/experts, recipe.seed overridable."""
+    from adamerge.testbeds.minilm import Recipe, preset_experts
+
+    hard = preset_experts("hard", seed=1)
+    assert len(hard["tasks"]) == 7 and hard["recipe"]["steps"] == 250 and hard["recipe"]["seed"] == 1
+    assert Recipe(**hard["recipe"]).lr == 2e-4
+    assert preset_experts("quick")["recipe"]["seed"] == 0 and len(preset_experts("quick")["tasks"]) == 4
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_experts("huge")

@@ -37,6 +37,8 @@ HEAD_PREFIX = "classifier."
 HEAD_MODES = ("frozen_probe", "cotrained")
 MODEL_CLASS = "transformers.AutoModelForSequenceClassification"
 RECIPE_VERSION = 2
+# The benchmark's presets: conf/experts/<file>.yaml (quick: 4 tasks, 40 steps; hard: 7 tasks trained to convergence)
+PRESETS = {"quick": "minilm_text", "hard": "minilm_text_hard"}
 """Bumped when the training code changes what a recipe produces (2: each expert's seed comes from its task name)."""
 CURVE_POINTS = 8
 """Held-out (calib split) accuracy is measured this many times during fine-tuning and kept in recipe.json."""
@@ -362,6 +364,25 @@ def build_multitask(
     model.eval()
     save_model(model, source, folder, {"tasks": list(tasks), "base": base, **dataclasses.asdict(recipe)})
     return folder
+
+
+def preset_experts(name: str, seed: int | None = None) -> dict:
+    """A preset's experts config (``tasks``, ``recipe``, ...) as the benchmark composes it, with ``recipe.seed`` set
+    when ``seed`` is given: the one place scripts read a preset from."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from adamerge.cli import config_dir, register_resolvers
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=minilm_text", f"experts={PRESETS[name]}"])
+    experts = OmegaConf.to_container(cfg.experts, resolve=True)
+    if seed is not None:
+        experts["recipe"]["seed"] = seed
+    return experts
 
 
 def expert_pool(
