@@ -1,4 +1,5 @@
-"""TSV-M, Iso-C, Iso-CTS and WUDI next to FusionBench's implementations: agreement, and speed on real experts.
+"""TSV-M, Iso-C, Iso-CTS, WUDI and the TALL masks next to FusionBench's implementations: agreement, and speed on
+real experts.
 
     python scripts/subspace_peer_check.py            # per-tensor max |diff| on seeded random task vectors
     python scripts/subspace_peer_check.py --speed    # wall time on the hard preset's MiniLM experts, K=4 and K=8
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from adamerge.methods.masks import tall_masks
 from adamerge.methods.subspace import iso_c, iso_cts, map_matrices, tsv_m
 from adamerge.methods.wudi import wudi
 
-METHODS = ("tsv_m", "iso_c", "iso_cts", "wudi")
+METHODS = ("tsv_m", "iso_c", "iso_cts", "wudi", "tall_masks")
+TALL_LAMBDA = 0.4  # one lambda for every task on both sides (FusionBench's function takes one)
 TOLERANCE = 1e-5
 
 # Runs in FusionBench's venv: calls its merge functions on the saved task vectors, times them, saves the merges.
@@ -33,10 +36,22 @@ import torch
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 from fusion_bench.method.wudi.wudi import wudi_merging
+from fusion_bench.method.tall_mask.utils import generate_task_masks
 
 job = torch.load(sys.argv[1])
 tvs, out = job["task_vectors"], {}
+
+
+def tall():  # its masks work on flattened models: theta_0 = 0 and theta_t = tau_t give |tau_t| > |tau_MTL - tau_t| l
+    names = list(tvs[0])
+    flat = torch.stack([torch.cat([tv[n].flatten() for n in names]) for tv in tvs])
+    masks = generate_task_masks(flat, flat, torch.zeros(flat.shape[1]), tall_mask_lambda=job["tall_lambda"])
+    sizes = [tvs[0][n].numel() for n in names]
+    return {n: m.reshape(len(tvs), *tvs[0][n].shape).float() for n, m in zip(names, masks.split(sizes, dim=1))}
+
+
 calls = {
+    "tall_masks": tall,
     "tsv_m": lambda: compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu"),
     "iso_c": lambda: iso_c(tvs, accelerator="cpu"),
     "iso_cts": lambda: iso_cts(tvs, common_space_fraction=job["common_fraction"], accelerator="cpu"),
@@ -62,6 +77,8 @@ def ours(name: str, task_vectors: dict, common_fraction: float, wudi_steps: int,
         "iso_cts": lambda tau, mat: iso_cts(tau, 1.0, common_fraction, None, mat),
         "wudi": lambda tau, mat: wudi(tau, wudi_steps, 1e-5, mat),
     }
+    if name == "tall_masks":  # every tensor, not only matrices
+        return {n: tall_masks(tau, TALL_LAMBDA).float() for n, tau in task_vectors.items()}
     if name != "wudi":
         return map_matrices(task_vectors, kernels[name])
     solved = {k: v for k, v in task_vectors.items() if k not in wudi_exclude}
@@ -74,7 +91,8 @@ def run_fusion_bench(fb_python: str, task_vectors: dict, methods, repeats: int, 
     as_list = [{name: tau[i].clone() for name, tau in task_vectors.items()} for i in range(k)]
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file, runner = Path(tmp, "job.pt"), Path(tmp, "out.pt"), Path(tmp, "runner.py")
-        torch.save({"task_vectors": as_list, "methods": list(methods), "repeats": repeats, **job}, job_file)
+        job = {"task_vectors": as_list, "methods": list(methods), "repeats": repeats, "tall_lambda": TALL_LAMBDA, **job}
+        torch.save(job, job_file)
         runner.write_text(FB_RUNNER)
         subprocess.run([fb_python, str(runner), str(job_file), str(out_file)], check=True, stderr=subprocess.DEVNULL)
         return torch.load(out_file)
@@ -129,8 +147,9 @@ def speed(args) -> None:
         # FusionBench's WUDI forms [K, m, m] products (a 30522 x 30522 one per task for the word embedding): both sides
         # leave that matrix out (averaged) and run fewer steps than the paper's 300 (time per step scales linearly).
         job = {"common_fraction": 0.8, "wudi_steps": args.wudi_steps, "wudi_exclude": embedding}
-        theirs = run_fusion_bench(args.fb_python, task_vectors, METHODS, args.repeats, **job) if args.fb else {}
-        for method in METHODS:
+        methods = args.methods.split(",")
+        theirs = run_fusion_bench(args.fb_python, task_vectors, methods, args.repeats, **job) if args.fb else {}
+        for method in methods:
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -142,9 +161,10 @@ def speed(args) -> None:
             print(
                 f"K={k} {method:8} adamerge {statistics.median(times):8.2f} s   FusionBench {fb_text}{note}", flush=True
             )
-        start = time.perf_counter()
-        ours("wudi", task_vectors, common_fraction=0.8, wudi_steps=300, wudi_exclude=[])
-        print(f"K={k} wudi     adamerge {time.perf_counter() - start:8.2f} s   (paper's 300 steps, all matrices)")
+        if "wudi" in methods:
+            start = time.perf_counter()
+            ours("wudi", task_vectors, common_fraction=0.8, wudi_steps=300, wudi_exclude=[])
+            print(f"K={k} wudi     adamerge {time.perf_counter() - start:8.2f} s   (paper's 300 steps, all matrices)")
 
 
 def main() -> None:
@@ -154,6 +174,7 @@ def main() -> None:
     parser.add_argument("--no-fb", dest="fb", action="store_false", help="--speed: time adamerge only")
     parser.add_argument("--repeats", type=int, default=3, help="--speed: repeats per method (median)")
     parser.add_argument("--wudi-steps", type=int, default=20, help="--speed: WUDI steps on both sides")
+    parser.add_argument("--methods", default=",".join(METHODS), help="--speed: comma-separated subset")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     if args.speed:
