@@ -9,7 +9,7 @@ Breadcrumbs or LiNeS, so those are checked only against hand-worked values (test
 Usage::
 
     OMP_NUM_THREADS=1 python scripts/masks_peer_check.py            # agreement per tensor (seeded random tensors)
-    OMP_NUM_THREADS=1 python scripts/masks_peer_check.py --speed    # timings, K=4 and K=8 MiniLM experts
+    OMP_NUM_THREADS=1 python scripts/masks_peer_check.py --speed    # timings, K=4 and K=8 real MiniLM experts (hard preset)
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 
 from adamerge.core.pool import ExpertPool
 from adamerge.methods.registry import Run, build_method
-
-CACHE = Path.home() / ".cache/adamerge/experts/a65d41a89f5a"
+from adamerge.testbeds.minilm import peer_check_pool
 
 # Runs under FusionBench's python: its functions on our tensors, results saved back. ``mode`` = check or speed.
 FUSIONBENCH_SIDE = r"""
@@ -169,26 +168,6 @@ def check(fb_python: str, lam: float, k: int) -> None:
     )
 
 
-def minilm_pool(num_experts: int) -> ExpertPool:
-    from adamerge.core.pool import load_pool
-    from adamerge.testbeds.assets import minilm_path
-    from adamerge.testbeds.minilm import MODEL_CLASS
-
-    folders = {t.name: str(t) for t in sorted(CACHE.iterdir()) if (t / "config.json").exists()}
-    config = json.loads(Path(next(iter(folders.values())), "config.json").read_text())
-    labels = len(config.get("id2label", {})) or 2  # the base's head slot only; heads are never merged
-    pool = load_pool(minilm_path(), folders, MODEL_CLASS, {"num_labels": labels})
-    if num_experts > pool.num_experts:  # perturbed copies: timing only needs the shapes
-        g = torch.Generator().manual_seed(0)
-        extra = num_experts - pool.num_experts
-        pool.task_vectors = {
-            n: torch.cat([tau, tau[:extra] + 0.1 * tau[:extra].std() * torch.randn(tau[:extra].shape, generator=g)])
-            for n, tau in pool.task_vectors.items()
-        }
-        pool.experts = pool.experts + [f"copy{i}" for i in range(extra)]
-    return pool
-
-
 def median_seconds(fn, repeats: int) -> float:
     runs = []
     for _ in range(repeats):
@@ -203,7 +182,7 @@ def speed(fb_python: str, repeats: int, lam: float, k: int) -> None:
     methods = ["tall_masks", "consensus", "pcb", "della", "breadcrumbs", "lines"]
     rows = []
     for num_experts in (4, 8):
-        pool = minilm_pool(num_experts)
+        pool = peer_check_pool(num_experts)
         base = pool.base_tensors()
         numel = sum(t[0].numel() for t in pool.task_vectors.values())
         theirs = run_fusionbench(fb_python, "speed", base, pool, lam, k, repeats)

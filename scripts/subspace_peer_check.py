@@ -1,5 +1,5 @@
-"""TSV-M, Iso-C, Iso-CTS, WUDI and the TALL masks next to FusionBench's implementations: agreement, and speed on
-real experts.
+"""TSV-M, Iso-C, Iso-CTS and WUDI next to FusionBench's implementations: agreement, and speed on real experts
+(the mask merges: scripts/masks_peer_check.py).
 
     python scripts/subspace_peer_check.py            # per-tensor max |diff| on seeded random task vectors
     python scripts/subspace_peer_check.py --speed    # wall time on the hard preset's MiniLM experts, K=4 and K=8
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from adamerge.methods.masks import tall_masks
 from adamerge.methods.subspace import iso_c, iso_cts, map_matrices, tsv_m
 from adamerge.methods.wudi import wudi
+from adamerge.testbeds.minilm import peer_check_pool
 
-METHODS = ("tsv_m", "iso_c", "iso_cts", "wudi", "tall_masks")
-TALL_LAMBDA = 0.4  # one lambda for every task on both sides (FusionBench's function takes one)
+METHODS = ("tsv_m", "iso_c", "iso_cts", "wudi")
 TOLERANCE = 1e-5
 
 # Runs in FusionBench's venv: calls its merge functions on the saved task vectors, times them, saves the merges.
@@ -36,22 +35,10 @@ import torch
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 from fusion_bench.method.wudi.wudi import wudi_merging
-from fusion_bench.method.tall_mask.utils import generate_task_masks
 
 job = torch.load(sys.argv[1])
 tvs, out = job["task_vectors"], {}
-
-
-def tall():  # its masks work on flattened models: theta_0 = 0 and theta_t = tau_t give |tau_t| > |tau_MTL - tau_t| l
-    names = list(tvs[0])
-    flat = torch.stack([torch.cat([tv[n].flatten() for n in names]) for tv in tvs])
-    masks = generate_task_masks(flat, flat, torch.zeros(flat.shape[1]), tall_mask_lambda=job["tall_lambda"])
-    sizes = [tvs[0][n].numel() for n in names]
-    return {n: m.reshape(len(tvs), *tvs[0][n].shape).float() for n, m in zip(names, masks.split(sizes, dim=1))}
-
-
 calls = {
-    "tall_masks": tall,
     "tsv_m": lambda: compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu"),
     "iso_c": lambda: iso_c(tvs, accelerator="cpu"),
     "iso_cts": lambda: iso_cts(tvs, common_space_fraction=job["common_fraction"], accelerator="cpu"),
@@ -77,8 +64,6 @@ def ours(name: str, task_vectors: dict, common_fraction: float, wudi_steps: int,
         "iso_cts": lambda tau, mat: iso_cts(tau, 1.0, common_fraction, None, mat),
         "wudi": lambda tau, mat: wudi(tau, wudi_steps, 1e-5, mat),
     }
-    if name == "tall_masks":  # every tensor, not only matrices
-        return {n: tall_masks(tau, TALL_LAMBDA).float() for n, tau in task_vectors.items()}
     if name != "wudi":
         return map_matrices(task_vectors, kernels[name])
     solved = {k: v for k, v in task_vectors.items() if k not in wudi_exclude}
@@ -91,8 +76,7 @@ def run_fusion_bench(fb_python: str, task_vectors: dict, methods, repeats: int, 
     as_list = [{name: tau[i].clone() for name, tau in task_vectors.items()} for i in range(k)]
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file, runner = Path(tmp, "job.pt"), Path(tmp, "out.pt"), Path(tmp, "runner.py")
-        job = {"task_vectors": as_list, "methods": list(methods), "repeats": repeats, "tall_lambda": TALL_LAMBDA, **job}
-        torch.save(job, job_file)
+        torch.save({"task_vectors": as_list, "methods": list(methods), "repeats": repeats, **job}, job_file)
         runner.write_text(FB_RUNNER)
         subprocess.run([fb_python, str(runner), str(job_file), str(out_file)], check=True, stderr=subprocess.DEVNULL)
         return torch.load(out_file)
@@ -122,27 +106,9 @@ def peer_check(args) -> bool:
     return ok
 
 
-def minilm_task_vectors(k: int) -> dict:
-    """Real task vectors of the hard preset's cached MiniLM experts (7 tasks, trained to convergence): K=4 its first
-    four tasks, K=8 all seven plus debian_section's expert of the second expert-training seed (all real fine-tunes)."""
-    from adamerge.testbeds.minilm import expert_pool, preset_experts
-
-    def vectors(seed: int, tasks: list[str] | None = None) -> dict:
-        experts = preset_experts("hard", seed)
-        pool = expert_pool(tasks or experts["tasks"], experts["recipe"], device="cpu", head_patterns=["classifier.*"])
-        return pool.task_vectors
-
-    if k <= 7:
-        return {n: t[:k] for n, t in vectors(0).items()}
-    if k == 8:
-        extra = vectors(1, ["debian_section"])
-        return {n: torch.cat([t, extra[n]]) for n, t in vectors(0).items()}
-    raise SystemExit(f"K={k}: the hard preset has 7 tasks and 2 expert seeds here; use K <= 8")
-
-
 def speed(args) -> None:
     for k in (4, 8):
-        task_vectors = minilm_task_vectors(k)
+        task_vectors = peer_check_pool(k).task_vectors
         embedding = [n for n, t in task_vectors.items() if t.shape[1] > 10000]
         # FusionBench's WUDI forms [K, m, m] products (a 30522 x 30522 one per task for the word embedding): both sides
         # leave that matrix out (averaged) and run fewer steps than the paper's 300 (time per step scales linearly).

@@ -412,3 +412,21 @@ def expert_pool(
     )
     pool.model.eval()
     return pool
+
+
+def peer_check_pool(num_experts: int) -> ExpertPool:
+    """Real experts for the peer speed checks (``scripts/*_peer_check.py --speed``): the hard preset's cached
+    experts, K <= 7 its first K tasks, K = 8 all seven plus debian_section's expert of expert-training seed 1 (all
+    real fine-tunes, no perturbed copies). Built and cached on first use."""
+    experts = preset_experts("hard")
+    tasks = experts["tasks"]
+    if not 1 <= num_experts <= len(tasks) + 1:
+        raise ValueError(f"K={num_experts}: the hard preset gives 1 to {len(tasks) + 1} real experts")
+    pool = expert_pool(tasks[: min(num_experts, len(tasks))], experts["recipe"], device="cpu")
+    if num_experts <= len(tasks):
+        return pool
+    other = expert_pool(tasks[:1], preset_experts("hard", seed=1)["recipe"], device="cpu")
+    task_vectors = {n: torch.cat([tau, other.task_vectors[n]]) for n, tau in pool.task_vectors.items()}
+    name = f"{tasks[0]}@seed1"
+    heads = pool.heads | {name: other.heads[tasks[0]]}
+    return dataclasses.replace(pool, experts=[*pool.experts, name], task_vectors=task_vectors, heads=heads)
