@@ -382,37 +382,42 @@ def canonical(name: str) -> str:
 
 
 def across_experts(benches: dict[int, dict]) -> dict:
-    """{expert seed: bench} -> per method (in all benches): the average normalized accuracy per set of experts
-    (mean over calibration seeds), the calibration-seed std (largest over sets), the spread between the sets, and
-    whether it beats task arithmetic at its best lambda on every set by more than both rows' expert spreads."""
+    """{expert seed: bench} -> per method: the average normalized accuracy per set of experts that ran it (mean over
+    calibration seeds), the calibration-seed std (largest over sets), the spread between the sets, and whether it
+    beats task arithmetic at its best lambda on every set by more than both rows' expert spreads. A method that
+    ran on one set only has no spread and no verdict."""
     per_set = {seed: {canonical(n): v for n, v in normalized(b).items()} for seed, b in benches.items()}
-    names = [n for n in per_set[next(iter(per_set))] if all(n in rows for rows in per_set.values())]
+    names = list(dict.fromkeys(n for rows_ in per_set.values() for n in rows_))
     rows = {}
     for name in names:
-        values = [rows_[name] for rows_ in per_set.values()]
-        means = [statistics.mean(v) for v in values]
+        values = {seed: rows_[name] for seed, rows_ in per_set.items() if name in rows_}
+        means = {seed: statistics.mean(v) for seed, v in values.items()}
         rows[name] = {
-            "per_set": dict(zip(per_set, means)),
-            "mean": statistics.mean(means),
-            "expert_spread": max(means) - min(means),
-            "seed_std": max((statistics.stdev(v) for v in values if len(v) > 1), default=None),
+            "per_set": means,
+            "mean": statistics.mean(means.values()),
+            "expert_spread": max(means.values()) - min(means.values()) if len(means) > 1 else None,
+            "seed_std": max((statistics.stdev(v) for v in values.values() if len(v) > 1), default=None),
         }
     ta = rows.get(TA_ACROSS)
     for name, row in rows.items():
-        if ta is not None and name != TA_ACROSS:
-            margins = [row["per_set"][s] - ta["per_set"][s] for s in per_set]
-            noise = row["expert_spread"] + ta["expert_spread"]
-            row["vs_ta"] = "above" if min(margins) > noise else "below" if max(margins) < -noise else "within noise"
+        if ta is None or name == TA_ACROSS or row["expert_spread"] is None or ta["expert_spread"] is None:
+            continue
+        margins = [row["per_set"][s] - ta["per_set"][s] for s in row["per_set"]]
+        noise = row["expert_spread"] + ta["expert_spread"]
+        row["vs_ta"] = "above" if min(margins) > noise else "below" if max(margins) < -noise else "within noise"
     return rows
 
 
 def across_markdown(rows: dict, seeds: list[int]) -> str:
     header = [f"experts seed {s}" for s in seeds] + ["mean", "expert spread", "calib-seed std", "vs task arithmetic"]
     lines = ["| method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+
+    def number(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for name, row in sorted(rows.items(), key=lambda kv: -kv[1]["mean"]):
-        std = "" if row["seed_std"] is None else f"{row['seed_std']:.3f}"
-        cells = [f"{row['per_set'][s]:.3f}" for s in seeds]
-        cells += [f"{row['mean']:.3f}", f"{row['expert_spread']:.3f}", std, row.get("vs_ta", "")]
+        cells = [number(row["per_set"].get(s)) for s in seeds]
+        cells += [number(row["mean"]), number(row["expert_spread"]), number(row["seed_std"]), row.get("vs_ta", "")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -425,7 +430,7 @@ def across_figure(rows: dict, path: Path) -> Path:
 
     labels = {FLOOR: "floor (base + heads)", EXPERT: "experts", MULTITASK: "multi-task model", TA_ACROSS: TA_ACROSS}
     lines = {label: rows[name]["mean"] for name, label in labels.items() if name in rows}
-    bars = {name: list(row["per_set"].values()) for name, row in rows.items() if name not in labels}
+    bars = {name: list(row["per_set"].values()) for name, row in rows.items() if name not in labels}  # 1 set: no bar
     title = f"{len(next(iter(rows.values()))['per_set'])} sets of experts: average normalized accuracy"
     return save_figure(method_bars(bars, lines, title), path)
 

@@ -277,7 +277,11 @@ def test_bench_quality_across_sets_of_experts(tmp_path):
         }
         return {"tasks": ["a", "b"], "results": results}
 
+    second = one(0.3, 0.82, 0.93, 0.78)
+    del second["results"]["noisy"]
     rows = bench.across_experts({0: one(0.1, 0.80, 0.90, 0.85), 1: one(0.3, 0.82, 0.93, 0.78)})
+    only_first = bench.across_experts({0: one(0.1, 0.80, 0.90, 0.85), 1: second})["noisy"]
+    assert only_first["per_set"] == {0: 0.85} and only_first["expert_spread"] is None and "vs_ta" not in only_first
     ta = rows[bench.TA_ACROSS]  # the two sets picked different lambdas: still one row
     assert ta["per_set"] == {0: 0.80, 1: 0.82} and abs(ta["expert_spread"] - 0.02) < 1e-12
     good = rows["good"]
@@ -288,6 +292,7 @@ def test_bench_quality_across_sets_of_experts(tmp_path):
     text = bench.across_markdown(rows, [0, 1])
     assert text.index("| good |") < text.index("| noisy |")  # best first
     assert "| good | 0.910 | 0.940 | 0.925 | 0.030 | 0.014 | above |" in text
+    assert "| noisy | 0.850 | - | 0.850 | - | - |  |" in bench.across_markdown({"noisy": only_first}, [0, 1])
     assert bench.across_figure(rows, tmp_path / "across.png").stat().st_size > 1000
 
 
