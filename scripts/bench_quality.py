@@ -173,7 +173,7 @@ def run_bench(args) -> dict:
         params = multitask_params(folder, merged.names)
         record(MULTITASK, [accuracies(evaluator.evaluate(merged, params, data))], [], recipe.steps, [wall])
 
-    if (wanted is None or "task_arithmetic" in wanted) and not any(n.startswith(TA_BEST[:20]) for n in results):
+    if (wanted is None or "task_arithmetic" in wanted) and not any(map(is_best_task_arithmetic, results)):
         t = time.perf_counter()
         best, grid = task_arithmetic_grid(merged, evaluator, calib)
         wall = time.perf_counter() - t
@@ -306,8 +306,13 @@ def normalized(bench: dict) -> dict[str, list[float]]:
     }
 
 
+def is_best_task_arithmetic(name: str) -> bool:
+    """Task arithmetic's grid row, named by the lambda it picked."""
+    return name.startswith(TA_BEST[:20])
+
+
 def best_task_arithmetic(results: dict) -> str | None:
-    return next((name for name in results if name.startswith(TA_BEST[:20])), None)
+    return next(filter(is_best_task_arithmetic, results), None)
 
 
 def gap_closed(score: float, task_arithmetic: float) -> float:
@@ -378,7 +383,7 @@ def figure(bench: dict, path: Path) -> Path:
 
 def canonical(name: str) -> str:
     """Task arithmetic's row is named by its lambda, which each set of experts picks for itself."""
-    return TA_ACROSS if name.startswith(TA_BEST[:20]) else name
+    return TA_ACROSS if is_best_task_arithmetic(name) else name
 
 
 def across_experts(benches: dict[int, dict]) -> dict:
@@ -430,7 +435,8 @@ def across_figure(rows: dict, path: Path) -> Path:
 
     labels = {FLOOR: "floor (base + heads)", EXPERT: "experts", MULTITASK: "multi-task model", TA_ACROSS: TA_ACROSS}
     lines = {label: rows[name]["mean"] for name, label in labels.items() if name in rows}
-    bars = {name: list(row["per_set"].values()) for name, row in rows.items() if name not in labels}  # 1 set: no bar
+    # a method run on one set of experts gets a bar without an error bar
+    bars = {name: list(row["per_set"].values()) for name, row in rows.items() if name not in labels}
     title = f"{len(next(iter(rows.values()))['per_set'])} sets of experts: average normalized accuracy"
     return save_figure(method_bars(bars, lines, title), path)
 
