@@ -61,6 +61,14 @@ def union_tokenizer(cfg: DictConfig, pool) -> dict:
     return {"tokenizer": vocab.tokenizer}
 
 
+def chat_prompts(cfg: DictConfig, evaluator) -> dict:
+    """``data.chat_template=null`` (when the tokenizer has one) is for language models: an evaluator that reads raw
+    text (a classifier) keeps its calibration text raw too, even on a chat model's tokenizer. ``true`` is obeyed."""
+    if "chat_template" in cfg.data and cfg.data.chat_template is None and not evaluator.chat_prompts:
+        return {"chat_template": False}
+    return {}
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one merge as configured; returns the summary table, the output dir, the coefficient record and the
     calibration objective (what sweeps minimise). One output directory holds one run (``claim_run_dir``)."""
@@ -77,7 +85,9 @@ def merge_and_judge(cfg: DictConfig, out_dir: Path) -> dict:
     evaluator = instantiate(cfg.evaluator)
     pool = instantiate(cfg.experts)
     check_pool(method, pool_kind(pool))
-    data = instantiate(cfg.data, num_steps=method.calibration_steps, **union_tokenizer(cfg, pool))
+    data = instantiate(
+        cfg.data, num_steps=method.calibration_steps, **union_tokenizer(cfg, pool), **chat_prompts(cfg, evaluator)
+    )
     check_tasks(pool.experts, data.task_names)
     data.setup("fit")
     if cfg.evaluate:

@@ -262,6 +262,29 @@ def test_calibration_prompts_go_through_the_chat_template_when_the_tokenizer_has
         MergeDataModule(tasks, tokenizer=word_tokenizer(BASE_TOKENS), chat_template=True)
 
 
+def test_a_classifier_calibrates_on_raw_text_even_when_its_tokenizer_has_a_chat_template(tmp_path):
+    """data.chat_template=null means 'when the tokenizer has one' for language models only: a classifier is judged on
+    raw text, so its calibration text stays raw; an explicit true is obeyed."""
+    from hydra.utils import instantiate
+
+    from adamerge.evaluation.causal_lm import CausalLM
+    from adamerge.evaluation.classification import Classification
+    from adamerge.pipeline import chat_prompts
+    from tests.test_config import make_cfg
+
+    tokenizer = with_tokens(word_tokenizer(BASE_TOKENS), ["<|im_start|>", "<think>"])
+    tokenizer.chat_template = CHAT
+    tasks = text_tasks(tmp_path, {"A": ["t1 t2", "t3"]})
+    cfg = make_cfg("data=hf", f"data.tasks={{A: '{tasks['A']}'}}")
+    calib = {}
+    for evaluator in (Classification(), CausalLM()):
+        data = instantiate(cfg.data, tokenizer=tokenizer, num_steps=1, **chat_prompts(cfg, evaluator))
+        data.setup()
+        calib[type(evaluator).__name__] = data.calib["A"]["input_ids"]
+    assert calib == {"Classification": [[3, 4], [5]], "CausalLM": [[66, 3, 4, 67], [66, 5, 67]]}
+    assert chat_prompts(make_cfg("data=hf", "data.chat_template=true"), Classification()) == {}
+
+
 def test_cli_merges_chat_experts_on_the_union_vocabulary(folders, tmp_path, caplog):
     """experts=hf on folders whose tokenizers added tokens: calibration and evaluation text holding them runs through
     the merged model; the export has the union tokenizer (with B's chat template) and the provenance table."""

@@ -36,6 +36,7 @@ class Classification(Evaluator):
     """Accuracy (higher is better) of each task's head; the labels are ``data.label_column`` of the eval split."""
 
     metrics = (Metric("accuracy", higher_is_better=True),)
+    chat_prompts = False
 
     def check(self, data) -> None:
         for task, dataset in data.eval.items():

@@ -37,6 +37,9 @@ class Evaluator:
     implement ``score``; ``check`` fails before any work when the data cannot be judged."""
 
     metrics: tuple[Metric, ...] = ()
+    # Whether calibration prompts may go through the tokenizer's chat template (``data.chat_template=null``): a
+    # language model is prompted as a chat; a classifier reads raw text when judged, so it calibrates on raw text.
+    chat_prompts: bool = True
 
     @property
     def primary(self) -> Metric:
