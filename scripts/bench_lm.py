@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,17 +48,36 @@ def method_overrides(spec: str) -> tuple[str, list[str]]:
     return f"{name} ({objective})", [f"method={name}", f"objective={objective}"]
 
 
-def table_lines(rows: dict, seconds: dict, tasks: list[str]) -> list[str]:
-    """Markdown: per task ``accuracy / loss``, the means, and the row's wall time."""
-    head = "| row | " + " | ".join(f"{t} acc / loss" for t in tasks) + " | mean acc | mean loss | wall s |"
-    lines = [head, "|---" * (len(tasks) + 4) + "|"]
-    for name, scores in rows.items():
-        present = [t for t in tasks if t in scores]
-        cells = [f"{scores[t]['accuracy']:.3f} / {scores[t]['loss']:.3f}" if t in scores else "" for t in tasks]
-        acc = sum(scores[t]["accuracy"] for t in present) / len(present)
-        loss = sum(scores[t]["loss"] for t in present) / len(present)
-        lines.append(f"| {name} | {' | '.join(cells)} | {acc:.3f} | {loss:.3f} | {seconds.get(name, 0.0):.0f} |")
+def table_lines(rows: dict, tasks: list[str]) -> list[str]:
+    """Markdown: per task ``accuracy / loss`` (mean over the row's seeds), the means, their spread over seeds, the
+    seeds and the wall time per seed."""
+    head = "| row | " + " | ".join(f"{t} acc / loss" for t in tasks)
+    head += " | mean acc | ± acc (std over seeds) | mean loss | seeds | wall s |"
+    lines = [head, "|---" * (len(tasks) + 6) + "|"]
+    for name, row in rows.items():
+        runs = row["scores"]
+        mean = {(t, m): statistics.mean(r[t][m] for r in runs) for t in runs[0] for m in ("accuracy", "loss")}
+        present = [t for t in tasks if t in runs[0]]
+        cells = [f"{mean[t, 'accuracy']:.3f} / {mean[t, 'loss']:.3f}" if t in present else "" for t in tasks]
+        per_seed_acc = [statistics.mean(r[t]["accuracy"] for t in present) for r in runs]
+        spread = f"{statistics.stdev(per_seed_acc):.3f}" if len(runs) > 1 else ""
+        loss = statistics.mean(mean[t, "loss"] for t in present)
+        seeds = ",".join(map(str, row["seeds"])) or "-"
+        wall = statistics.mean(row["seconds"])
+        cells += [f"{statistics.mean(per_seed_acc):.3f}", spread, f"{loss:.3f}", seeds, f"{wall:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def resumed(path: Path, setup: dict) -> dict:
+    """The rows of an earlier run with the same setup (an interrupted one, or one asked for fewer seeds)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("setup") == setup:
+            log.info("resuming %d rows from %s", len(saved["rows"]), path)
+            return saved["rows"]
+        log.info("%s is from another setup: starting afresh", path)
+    return {}
 
 
 def main() -> None:
@@ -65,7 +85,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_lm")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="method or method+objective per row")
     parser.add_argument("--steps", type=int, default=None, help="learned methods' steps (default: their tuning)")
-    parser.epilog = "Any other key=value argument is a Hydra override for every row (experts.*, data.*, seed=...)."
+    parser.add_argument("--seeds", default="0", help="seeds of the methods whose result depends on one (0,1,2)")
+    parser.epilog = "Any other key=value argument is a Hydra override for every row (experts.*, data.*, ...)."
     argv = sys.argv[1:]  # overrides may follow --methods: told apart by their '=', not by position
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
@@ -74,6 +95,7 @@ def main() -> None:
     import torch
     from hydra.utils import instantiate
 
+    from adamerge.atomic import write_text
     from adamerge.core.factory import merged_model
     from adamerge.methods.registry import Run, build_method, get_spec
 
@@ -81,56 +103,78 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     cfg = compose([f"paths.output_dir={out / 'reference'}", *args.overrides])
+    setup = {"overrides": args.overrides, "steps": args.steps}  # seeds are per row: more seeds later extend a row
+    rows = resumed(out / "results.json", setup)
+
+    def record(label, scores, seed, seconds):
+        row = rows.setdefault(label, {"seeds": [], "scores": [], "seconds": []})
+        row["seeds"] += [] if seed is None else [seed]
+        row["scores"].append(scores)
+        row["seconds"].append(seconds)
+        write_text(out / "results.json", json.dumps({"setup": setup, "rows": rows}, indent=1))
+
     torch.manual_seed(cfg.seed)
     evaluator = instantiate(cfg.evaluator)
     t = time.perf_counter()
     pool = instantiate(cfg.experts)  # trains the experts on the first run
-    seconds = {"experts (build or load)": time.perf_counter() - t}
+    pool_s = time.perf_counter() - t
     data = instantiate(cfg.data, num_steps=0)
     data.setup("fit")
     evaluator.check(data)
     tasks = list(data.eval)
     probe = merged_model(pool, granularity="task")
-    rows: dict[str, dict] = {}
-    for name, lam in [("base (floor)", 0.0), ("task arithmetic (lam=0.3)", 0.3)]:
-        t = time.perf_counter()
-        rows[name] = evaluator.evaluate(probe, probe.constant_params(lam), data)
-        seconds[name] = time.perf_counter() - t
-    for task in tasks:
-        t = time.perf_counter()
-        rows[f"expert {task} (own task)"] = evaluator.evaluate(probe, probe.expert_params(task), data, [task])
-        seconds[f"expert {task} (own task)"] = time.perf_counter() - t
+    references = [("base (floor)", probe.constant_params(0.0), None)]
+    references += [("task arithmetic (lam=0.3)", probe.constant_params(0.3), None)]
+    references += [(f"expert {task} (own task)", probe.expert_params(task), [task]) for task in tasks]
+    for label, params, only in references:
+        if label not in rows:
+            t = time.perf_counter()
+            record(label, evaluator.evaluate(probe, params, data, only), None, time.perf_counter() - t)
+    seeds = [int(s) for s in args.seeds.split(",")]
     for spec in args.methods:
         label, overrides = method_overrides(spec)
-        if args.steps is not None and get_spec(spec.partition("+")[0]).kind == "learned":
+        name = spec.partition("+")[0]
+        if args.steps is not None and get_spec(name).kind == "learned":
             overrides.append(f"method.steps={args.steps}")
-        run_cfg = compose(
-            [f"paths.output_dir={out / spec.replace('+', '_')}", "export=false", *overrides, *args.overrides]
-        )
-        torch.manual_seed(run_cfg.seed)
-        method = build_method(run_cfg.method)
-        t = time.perf_counter()
-        run_data = instantiate(run_cfg.data, num_steps=method.calibration_steps)  # fresh: generate fills calib
-        run_data.setup("fit")
-        result = method.merge(Run(run_cfg, pool, run_data))
-        merge_s = time.perf_counter() - t
-        rows[label] = evaluator.evaluate(result.model, result.params, run_data)
-        seconds[label] = time.perf_counter() - t
-        log.info("%s: merged in %.0f s, judged in %.0f s: %s", label, merge_s, seconds[label] - merge_s, rows[label])
-        (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
+        done = rows.get(label, {"seeds": [], "scores": []})
+        if get_spec(name).seeded:  # learned methods and random masks: one run per seed
+            todo = [s for s in seeds if s not in done["seeds"]]
+        else:
+            todo = [] if done["scores"] else [None]
+        for seed in todo:
+            folder = out / (spec.replace("+", "_") + ("" if seed is None else f"_seed{seed}"))
+            seeded = [] if seed is None else [f"seed={seed}"]
+            run_cfg = compose([f"paths.output_dir={folder}", "export=false", *overrides, *args.overrides, *seeded])
+            torch.manual_seed(run_cfg.seed)
+            method = build_method(run_cfg.method)
+            t = time.perf_counter()
+            run_data = instantiate(run_cfg.data, num_steps=method.calibration_steps)  # fresh: generate fills calib
+            run_data.setup("fit")
+            result = method.merge(Run(run_cfg, pool, run_data))
+            merge_s = time.perf_counter() - t
+            scores = evaluator.evaluate(result.model, result.params, run_data)
+            record(label, scores, seed, time.perf_counter() - t)
+            log.info(
+                "%s seed %s: merged in %.0f s, judged in %.0f s: %s",
+                label,
+                seed,
+                merge_s,
+                time.perf_counter() - t - merge_s,
+                scores,
+            )
     recipe = dict(cfg.experts.recipe)
-    setup = (
+    text = (
         f"Base {cfg.experts.base}; {recipe['kind']} experts ({recipe['steps']} steps x {recipe['batch_size']}, lr "
         f"{recipe['lr']:g}{', rank ' + str(recipe['lora_rank']) if recipe['kind'] == 'lora' else ''}); "
-        f"{cfg.data.max_calib} calibration prompts and {cfg.data.max_eval} test rows per task; seed {cfg.seed}; "
-        f"experts built/loaded in {seconds['experts (build or load)']:.0f} s; total "
-        f"{time.perf_counter() - started:.0f} s. Cells: multiple-choice accuracy / answer loss (nats per token). "
-        f"Wall s: merge + evaluation. Overrides: {' '.join(args.overrides) or 'none'}."
+        f"{cfg.data.max_calib} calibration prompts and {cfg.data.max_eval} test rows per task (the same rows for "
+        f"every seed); experts built/loaded in {pool_s:.0f} s; this process {time.perf_counter() - started:.0f} s "
+        "(rows resumed from results.json not counted). Cells: multiple-choice accuracy / answer loss (nats per "
+        "token), mean over the row's seeds. Wall s: merge + evaluation, per seed. Overrides: "
+        f"{' '.join(args.overrides) or 'none'}."
     )
-    table = "\n".join([setup, "", *table_lines(rows, seconds, tasks)])
+    table = "\n".join([text, "", *table_lines(rows, tasks)])
     print(table)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "setup": setup}, indent=1))
+    write_text(out / "results.md", table + "\n")
 
 
 if __name__ == "__main__":

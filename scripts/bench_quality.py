@@ -183,7 +183,7 @@ def run_bench(args) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     for spec in registered.values():
         if wanted is None or spec.name in wanted:
-            todo = missing_seeds(results, spec.name, seeds if random(spec) else [None])
+            todo = missing_seeds(results, spec.name, seeds if spec.seeded else [None])
             if todo:
                 run_method(spec, todo, args, base, work, pool, evaluator, record)
     for learner, transform in pairs:
@@ -246,12 +246,6 @@ def task_vector_geometry(task_vectors: dict, tasks: list[str]) -> dict:
     norms = dots.diagonal().sqrt()
     cosines = dots / norms.outer(norms)
     return {"norms": dict(zip(tasks, norms.tolist())), "cosines": cosines.tolist()}
-
-
-def random(spec) -> bool:
-    """Learned methods (the seed orders the calibration stream) and methods with a ``seed`` option (DARE, DELLA) run
-    over the seeds."""
-    return spec.kind == "learned" or "seed" in {f.name for f in dataclasses.fields(spec.factory)}
 
 
 def run_method(spec, seeds, args, base, work, pool, evaluator, record, extra=(), name=None) -> None:

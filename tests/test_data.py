@@ -36,6 +36,22 @@ def test_training_batches_have_no_labels_and_depend_only_on_the_step():
     torch.testing.assert_close(next(iter(dm.train_dataloader()))["b"]["_index"], batches.batch(2)["b"]["_index"])
 
 
+def test_the_seed_picks_calibration_rows_but_never_the_test_rows():
+    """Runs of several seeds are compared on one test set: a capped test split is the same rows for every seed."""
+
+    def distinct(n):  # rows told apart by their ids
+        return {"input_ids": [[i, i + 1] for i in range(n)], "attention_mask": [[1, 1]] * n, "label": [0] * n}
+
+    task = datasets.DatasetDict({s: datasets.Dataset.from_dict(distinct(40)) for s in ("calib", "test")})
+    rows = {}
+    for seed in (0, 1):
+        dm = MergeDataModule({"a": task}, max_calib=5, max_eval=5, seed=seed)
+        dm.setup()
+        rows[seed] = dm.calib["a"]["input_ids"], dm.eval["a"]["input_ids"]
+    assert rows[0][0] != rows[1][0]  # calibration rows: by seed
+    assert rows[0][1] == rows[1][1]  # test rows: the same
+
+
 def test_stream_is_endless_and_every_pass_is_a_new_permutation():
     """No epoch ever ends (a resumed epoch that ended early made Lightning replay the stream from its start)."""
     dm = MergeDataModule({"a": toy_task(n_calib=6)}, batch_size=3)

@@ -52,6 +52,14 @@ def test_rows_hold_prompt_answer_and_choices(tiny):
     assert "Answer with one of: positive, negative" not in question("vader_movies", "x", ["negative", "positive"])
 
 
+def test_seeds_draw_other_calibration_prompts_but_the_same_test_rows(tiny):
+    _, tokenizer = tiny
+    sizes = {"train": 0, "calib": 4, "test": 4}
+    one, other = (instruction_task("vader_movies", tokenizer, sizes=sizes, seed=s) for s in (0, 1))
+    assert one["calib"]["input_ids"] != other["calib"]["input_ids"]
+    assert one["test"]["input_ids"] == other["test"]["input_ids"]
+
+
 def test_choice_logprobs_match_a_direct_computation(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer("a short prompt")["input_ids"], tokenizer("a much longer prompt, padded less")["input_ids"]]
@@ -142,8 +150,9 @@ def test_smollm2_base_loads_as_a_plain_folder():
 
 
 @pytest.mark.slow
-def test_bench_lm_writes_every_row(cache, tmp_path):
-    """scripts/bench_lm.py on the tiny base: the floor, each expert, task arithmetic and each method, with times."""
+def test_bench_lm_writes_every_row_over_seeds_and_resumes(cache, tmp_path):
+    """scripts/bench_lm.py on the tiny base: the floor, each expert, task arithmetic and each method, with times;
+    a learned method runs once per seed, a static one once; a rerun with a further seed runs only that seed."""
     import json
     import os
     import subprocess
@@ -153,20 +162,14 @@ def test_bench_lm_writes_every_row(cache, tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_lm.py"
     overrides = ["experts.base=tiny", "experts.recipe.steps=10", "experts.recipe.max_train=32"]
     overrides += ["experts.tasks=[vader_movies,debian_section]", "data.max_eval=6", "data.max_calib=2"]
-    cmd = [
-        sys.executable,
-        str(script),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--methods",
-        "ties",
-        "adamerging+entropy",
-    ]
     env = os.environ | {"ADAMERGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    subprocess.run([*cmd, *overrides], check=True, env=env, capture_output=True)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+
+    def bench(seeds, *methods):
+        cmd = [sys.executable, str(script), "--out", str(tmp_path), "--steps", "2", "--seeds", seeds, "--methods"]
+        done = subprocess.run([*cmd, *methods, *overrides], check=True, env=env, capture_output=True, text=True)
+        return json.loads((tmp_path / "results.json").read_text())["rows"], done.stderr
+
+    rows, _ = bench("0,1", "ties", "adamerging+entropy")
     assert list(rows) == [
         "base (floor)",
         "task arithmetic (lam=0.3)",
@@ -175,5 +178,13 @@ def test_bench_lm_writes_every_row(cache, tmp_path):
         "ties",
         "adamerging (entropy)",
     ]
-    assert set(rows["ties"]["debian_section"]) == {"accuracy", "loss"}
-    assert "| adamerging (entropy) |" in (tmp_path / "results.md").read_text()
+    assert set(rows["ties"]["scores"][0]["debian_section"]) == {"accuracy", "loss"}
+    assert (rows["ties"]["seeds"], len(rows["ties"]["scores"])) == ([], 1)  # deterministic: once
+    assert rows["adamerging (entropy)"]["seeds"] == [0, 1]
+    first = rows["adamerging (entropy)"]["scores"]
+    rows, log = bench("0,1,2", "adamerging+entropy")
+    assert "resuming 6 rows" in log and log.count("adamerging (entropy) seed") == 1  # seed 2 only
+    assert rows["adamerging (entropy)"]["seeds"] == [0, 1, 2] and rows["adamerging (entropy)"]["scores"][:2] == first
+    assert "ties" in rows
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("| adamerging"))
+    assert line.split(" | ")[-2] == "0,1,2"  # the seeds column

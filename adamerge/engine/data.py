@@ -162,12 +162,13 @@ class MergeDataModule(L.LightningDataModule):
                 raise DataError(f"task {task!r}: the calibration split {self.calib_split!r} is empty")
             self.calib[task] = calib.remove_columns([c for c in calib.column_names if c == self.label_column])
             # What the evaluation split must hold (labels, response masks) is the evaluator's check.
-            self.eval[task] = self._prepare(load_split(source, self.eval_split, task), task, self.max_eval)
+            # The held-out rows never depend on the seed (cap by seed 0): seeds are compared on the same rows.
+            self.eval[task] = self._prepare(load_split(source, self.eval_split, task), task, self.max_eval, seed=0)
         log.info("data: %s", {t: (len(self.calib[t]), len(self.eval[t])) for t in self.calib})
 
-    def _prepare(self, dataset, task: str, cap: int | None, chat: bool = False):
+    def _prepare(self, dataset, task: str, cap: int | None, chat: bool = False, seed: int | None = None):
         if cap is not None and len(dataset) > cap:
-            dataset = dataset.shuffle(seed=self.seed).select(range(cap))
+            dataset = dataset.shuffle(seed=self.seed if seed is None else seed).select(range(cap))
         return featurize(
             dataset, task, self.tokenizer, self.processor, self.text_column, self.image_column, self.max_length, chat
         )

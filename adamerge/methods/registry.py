@@ -66,13 +66,23 @@ class MethodSpec:
     description: str
     paper: str
     needs: Needs
+    random_masks: bool = False
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the run's seed changes the result: learned methods (the seed orders the calibration stream) and
+        methods that draw random masks (DARE, DELLA). Benchmarks run these over seeds, the rest once."""
+        return self.kind == "learned" or self.random_masks
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, kind: str, description: str, paper: str, needs: Needs = Needs()) -> Callable[[type], type]:
-    """Class decorator: register the options class under ``name`` (stackable: one class, several names)."""
+def register(
+    name: str, *, kind: str, description: str, paper: str, needs: Needs = Needs(), random_masks: bool = False
+) -> Callable[[type], type]:
+    """Class decorator: register the options class under ``name`` (stackable: one class, several names).
+    ``random_masks``: the merge draws from the run's seed (``MethodSpec.seeded``)."""
     if kind not in KINDS:
         raise ValueError(f"method {name!r}: kind must be one of {KINDS}, got {kind!r}")
 
@@ -81,7 +91,7 @@ def register(name: str, *, kind: str, description: str, paper: str, needs: Needs
             raise ValueError(
                 f"method {name!r} is registered twice ({REGISTRY[name].factory.__name__}, {factory.__name__})"
             )
-        REGISTRY[name] = MethodSpec(name, factory, kind, description, paper, needs)
+        REGISTRY[name] = MethodSpec(name, factory, kind, description, paper, needs, random_masks)
         return factory
 
     return add

@@ -318,6 +318,7 @@ register(
     description="DELLA: magnitude-ranked random drop and rescale (MAGPRUNE), then TIES elect and disjoint mean",
     paper="https://arxiv.org/abs/2406.11617",
     needs=Needs(dense=True),
+    random_masks=True,
 )(Della)
 register(
     "breadcrumbs",

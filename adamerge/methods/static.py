@@ -137,4 +137,5 @@ register(
     description="DARE: drop a fraction of each task vector, rescale the rest, then task arithmetic",
     paper="https://arxiv.org/abs/2311.03099",
     needs=Needs(dense=True),
+    random_masks=True,
 )(TaskArithmeticFamily)

@@ -130,7 +130,8 @@ def instruction_task(
         tokenizer: the base model's tokenizer (an object).
         chat: through the chat template: None when the tokenizer has one (config key ``data.chat_template``).
         max_text_tokens: each text cut to this many tokens (``data.max_text_tokens``); None keeps it whole.
-        sizes: split -> at most this many rows (a seeded shuffle); missing or None: the whole split.
+        sizes: split -> at most this many rows (a shuffle by ``seed``; the test rows by seed 0 always, so that runs
+            of any seed are judged on the same rows); missing or None: the whole split.
         data_dir: where the task files are (default: the shipped ones).
     """
     if chat is None:
@@ -149,8 +150,8 @@ def instruction_task(
             "calib": encode_split(
                 cap(raw["calib"], sizes.get("calib"), seed), task, tokenizer, answers, chat, max_text_tokens, False
             ),
-            "test": encode_split(
-                cap(raw["test"], sizes.get("test"), seed), task, tokenizer, answers, chat, max_text_tokens, True
+            "test": encode_split(  # the same test rows whatever the seed: seeds are compared on one test set
+                cap(raw["test"], sizes.get("test"), 0), task, tokenizer, answers, chat, max_text_tokens, True
             ),
         }
     )
