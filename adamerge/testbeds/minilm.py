@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,8 @@ from torch import Tensor, nn
 from adamerge.atomic import atomic_path
 from adamerge.core.pool import ExpertPool, load_pool
 from adamerge.testbeds.assets import minilm_path
-from adamerge.testbeds.text_tasks import load_task, task_fingerprint
+from adamerge.testbeds.cache import cache_root, data_key, default_device, task_seed
+from adamerge.testbeds.text_tasks import load_task
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +76,6 @@ class Recipe:
         """Short hash of the recipe, the base it starts from and the training code's version."""
         payload = json.dumps({"base": base, "version": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def task_seed(task: str) -> int:
-    """An expert's own seed, from its task's name: the same task trains the same expert whatever list it is in."""
-    return int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "little")
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else env ``ADAMERGE_CACHE``, else ``~/.cache/adamerge``."""
-    return Path(cache_dir or os.environ.get("ADAMERGE_CACHE") or Path.home() / ".cache" / "adamerge").expanduser()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_base(base: str, num_labels: int, recipe: Recipe) -> nn.Module:
@@ -257,12 +243,6 @@ def save_model(model: nn.Module, tokenizer_source: str, folder: Path, meta: Mapp
 
 def expert_dir(tasks_key: str, recipe: Recipe, base: str | None, cache_dir: str | Path | None) -> Path:
     return cache_root(cache_dir) / "experts" / recipe.key(base) / tasks_key
-
-
-def data_key(task: str, data_dir: str | Path | None) -> str:
-    """``<task>-<hash of its rows>``: a task whose data changed (or another folder's task of the same name) gets its
-    own expert instead of a stale one."""
-    return f"{task}-{task_fingerprint(task, data_dir)}"
 
 
 def build_experts(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adamerge.atomic import atomic_path
-from adamerge.testbeds.minilm import cache_root, data_key, default_device, task_seed
+from adamerge.testbeds.cache import cache_root, data_key, default_device, task_seed
 
 log = logging.getLogger(__name__)
 
