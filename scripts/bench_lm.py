@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench_lm")
-DEFAULT_METHODS = ["task_arithmetic", "ties", "dare", "regmean", "adamerging+entropy", "adamerging", "expert_merging"]
+# Rows without training (data-free and closed-form merges), then the learned ones (one run per seed).
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare", "regmean", "regmean_pp", "fisher", "tsv_m", "iso_cts"]
+DEFAULT_METHODS += ["adamerging+entropy", "adamerging", "expert_merging"]
 
 
 def compose(overrides: list[str]):
