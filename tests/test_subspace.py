@@ -113,6 +113,49 @@ def test_iso_cts_adds_task_directions_off_the_common_subspace():
     assert_close(iso_cts(tau, alpha=0.5, common_fraction=1 / 3), 1.5 * torch.eye(3, dtype=torch.float64))
 
 
+def low_rank_stack(num_tasks: int, m: int, n: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """LoRA-like task vectors: ``B_k A_k`` of rank ``rank`` each."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(num_tasks, m, rank, generator=g, dtype=torch.float64)
+    return b @ torch.randn(num_tasks, rank, n, generator=g, dtype=torch.float64)
+
+
+def outside(delta: torch.Tensor, tau: torch.Tensor) -> float:
+    """The share of ``delta``'s norm outside the column and row spaces that the task vectors span."""
+    side_by_side, stacked = tau.transpose(0, 1).flatten(1), tau.flatten(0, 1)  # [m, K n], [K m, n]
+    cols = torch.linalg.svd(side_by_side, full_matrices=False)[0][:, : torch.linalg.matrix_rank(side_by_side)]
+    rows = torch.linalg.svd(stacked, full_matrices=False)[2][: torch.linalg.matrix_rank(stacked)]
+    inside = cols @ (cols.T @ delta @ rows.T) @ rows
+    return float((delta - inside).norm() / delta.norm())
+
+
+def test_iso_nonzero_spectrum_is_the_paper_on_full_rank_task_vectors():
+    tau = random_stack(3, 6, 5)
+    assert_close(iso_c(tau, 1.3, spectrum="nonzero"), iso_c(tau, 1.3))
+    assert_close(iso_cts(tau, 1.5, 0.5, spectrum="nonzero"), iso_cts(tau, 1.5, 0.5))
+
+
+def test_iso_nonzero_spectrum_flattens_only_the_directions_low_rank_task_vectors_span():
+    # Three rank-2 task vectors in 12 x 10: the sum has rank 6 of 10. The paper's flat spectrum gives the 4 null
+    # directions (arbitrary, from the SVD) the same weight as the 6 real ones; "nonzero" flattens only the 6.
+    tau = low_rank_stack(3, 12, 10, rank=2)
+    u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
+    assert_close(iso_c(tau, 1.3, spectrum="nonzero"), 1.3 * s[:6].mean() * u[:, :6] @ vh[:6])
+    assert outside(iso_c(tau, 1.3), tau) > 0.5  # the paper's: most of the merge lies off the experts' directions
+    for merged in (iso_c(tau, 1.3, spectrum="nonzero"), iso_cts(tau, 1.5, 0.8, spectrum="nonzero")):
+        assert outside(merged, tau) < 1e-10
+        assert torch.linalg.matrix_rank(merged) == 6
+    assert_close(iso_cts(tau, 1.3, 1.0, spectrum="nonzero"), iso_c(tau, 1.3, spectrum="nonzero"))
+
+
+def test_iso_of_all_zero_task_vectors_is_zero():
+    # A tensor no expert changed (LoRA experts leave the MLPs alone): nothing to flatten, no 0/0.
+    tau = torch.zeros(3, 6, 4, dtype=torch.float64)
+    for spectrum in ("full", "nonzero"):
+        assert torch.equal(iso_c(tau, 1.3, spectrum=spectrum), torch.zeros(6, 4, dtype=torch.float64))
+        assert torch.equal(iso_cts(tau, 1.5, 0.5, spectrum=spectrum), torch.zeros(6, 4, dtype=torch.float64))
+
+
 def test_iso_cts_ranks_split_the_task_part_evenly():
     assert iso_cts_ranks(4, 384, 384, 0.8) == (308, 19)  # floor(0.8 * 384) = 307 -> 77 / 4 rounds to 19
     assert iso_cts_ranks(8, 384, 1536, 0.8) == (304, 10)
@@ -181,6 +224,7 @@ def test_methods_are_registered_static_dense_and_compose():
         ({"name": "iso_cts", "alpha": 1.5}, "method.common_fraction"),
         ({"name": "iso_c", "alpha": 1.3, "common_fraction": 0.8}, "method.common_fraction"),
         ({"name": "iso_c", "alpha": "big"}, "method.alpha"),
+        ({"name": "iso_c", "alpha": 1.3, "spectrum": "nonzeros"}, "method.spectrum"),
     ],
 )
 def test_bad_options_fail_naming_the_key(config, key):

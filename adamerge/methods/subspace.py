@@ -21,6 +21,14 @@ For a 2-D parameter with task-vector stack ``tau [K, m, n]`` (``r = min(m, n)``)
 
 Other tensors (biases, norms: not 2-D) are averaged, ``alpha * mean_k tau_k``, as in both papers' code.
 
+Low-rank task vectors (``spectrum``, a documented deviation; default ``full``, the paper). The Iso papers flatten all
+``r`` singular values, which assumes full-rank task vectors. K LoRA experts of rank ``q`` sum to rank ``K q``, often
+far below ``r`` (3 x 8 of 576 on SmolLM2's attention): the ``r - K q`` null directions are arbitrary vectors from the
+SVD, and flattening gives them the mean's weight while the real directions shrink about ``r / (K q)``-fold, so the
+merge falls to the base (README, causal-LM table). ``spectrum="nonzero"`` keeps only directions whose singular value is
+above the numerical-rank tolerance ``eps * max(m, n) * s_max`` of the solve dtype (on SmolLM2's fp32 LoRA task
+vectors it keeps exactly the 24); on full-rank task vectors it is the paper's merge.
+
 Defaults: TSV-M ``alpha = 1``. Iso-C/Iso-CTS tune ``alpha`` per model: the authors' code (danielm1405/iso-merging,
 ``src/eval/eval.py``) sweeps 0.1, 0.2, ..., 3.0 on held-out validation splits and keeps the best average accuracy.
 The presets hold the CLIP ViT-B/32, 8-task values (Iso-C 1.3, Iso-CTS 1.5, as run in the RegMean++ authors'
@@ -64,6 +72,7 @@ __all__ = [
     "iso_cts",
     "iso_cts_ranks",
     "map_matrices",
+    "spanned",
     "orthonormalize",
     "top_svd",
     "tsv_components",
@@ -168,12 +177,36 @@ def tsv_components(
     return alpha * ((u * s.unsqueeze(-2)) @ vh)
 
 
-def iso_c(tau: Tensor, alpha: float = 1.0, matrix: bool | None = None) -> Tensor:
-    """Iso-C merged delta: ``alpha * mean(s) U V^T`` of ``sum_k tau_k`` for 2-D stacks, ``alpha * mean`` otherwise."""
+SPECTRA = ("full", "nonzero")
+
+
+def spanned(s: Tensor, shape: tuple[int, int], spectrum: str, reference: Tensor | None = None) -> Tensor:
+    """Which singular directions the isotropic merges keep: every one (``full``, the paper) or those whose singular
+    value is above the numerical-rank tolerance ``eps * max(m, n) * s_max`` (``nonzero``); ``s_max`` is taken from
+    ``reference`` (default ``s``). A float mask shaped like ``s``."""
+    if spectrum == "full":
+        return torch.ones_like(s)
+    top = (s if reference is None else reference).amax(-1, keepdim=True)
+    return (s > torch.finfo(s.dtype).eps * max(shape) * top).to(s.dtype)
+
+
+def isotropic(u: Tensor, s: Tensor, vh: Tensor, keep: Tensor, alpha: float) -> Tensor:
+    """``alpha * mean(s over kept) * U_kept V_kept^T``; zero where nothing is kept (an all-zero task matrix)."""
+    level = (s * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+    return alpha * level[..., None, None] * ((u * keep.unsqueeze(-2)) @ vh)
+
+
+def iso_c(tau: Tensor, alpha: float = 1.0, matrix: bool | None = None, spectrum: str = "full") -> Tensor:
+    """Iso-C merged delta: ``alpha * mean(s) U V^T`` of ``sum_k tau_k`` for 2-D stacks, ``alpha * mean`` otherwise.
+
+    ``spectrum="nonzero"`` flattens only the directions the sum spans (see ``spanned``): for low-rank task vectors
+    (LoRA experts) the paper's mean over all ``min(m, n)`` values gives the null space's arbitrary directions the same
+    weight as the task's own.
+    """
     if not is_matrix(tau, matrix):
         return alpha * tau.mean(0)
     u, s, vh = svd(tau.sum(-3))
-    return alpha * s.mean(-1)[..., None, None] * (u @ vh)
+    return isotropic(u, s, vh, spanned(s, tau.shape[-2:], spectrum), alpha)
 
 
 def iso_cts_ranks(num_tasks: int, m: int, n: int, common_fraction: float) -> tuple[int, int]:
@@ -192,22 +225,30 @@ def iso_cts(
     common_fraction: float = 0.8,
     lowrank_min_dim: int | None = None,
     matrix: bool | None = None,
+    spectrum: str = "full",
 ) -> Tensor:
-    """Iso-CTS merged delta of ``tau [*, K, m, n]`` (``alpha * mean`` for non-2-D stacks)."""
+    """Iso-CTS merged delta of ``tau [*, K, m, n]`` (``alpha * mean`` for non-2-D stacks).
+
+    ``spectrum="nonzero"``: as for ``iso_c``, directions with a numerically zero singular value (tolerance from the
+    sum's largest) are dropped before the bases are orthonormalised, so they mix with no kept direction.
+    """
     if not is_matrix(tau, matrix):
         return alpha * tau.mean(0)
     num_tasks, m, n = tau.shape[-3:]
     common, per_task = iso_cts_ranks(num_tasks, m, n, common_fraction)
-    u, s, vh = svd(tau.sum(-3))
-    u, s, vh = u[..., :common], s[..., :common], vh[..., :common, :]
+    u, s_sum, vh = svd(tau.sum(-3))
+    u, s, vh = u[..., :common], s_sum[..., :common], vh[..., :common, :]
     if per_task > 0:
         specific = tau - u.unsqueeze(-3) @ (u.mT.unsqueeze(-3) @ tau)  # off the common left subspace
         u_ts, s_ts, vh_ts = top_svd(specific, per_task, lowrank_min_dim)  # (*, K, m, p), (*, K, p), (*, K, p, n)
         u = torch.cat([u_ts.transpose(-3, -2).flatten(-2), u], -1)
         s = torch.cat([s_ts.flatten(-2), s], -1)
         vh = torch.cat([vh_ts.flatten(-3, -2), vh], -2)
-        u, vh = orthonormalize(u), orthonormalize(vh.mT).mT
-    return alpha * s.mean(-1)[..., None, None] * (u @ vh)
+        keep = spanned(s, (m, n), spectrum, reference=s_sum)
+        # A zeroed column stays out of the polar factor of the others: P Q^T is block-diagonal in it.
+        u, vh = orthonormalize(u * keep.unsqueeze(-2)), orthonormalize((vh * keep.unsqueeze(-1)).mT).mT
+        return isotropic(u, s, vh, keep, alpha)
+    return isotropic(u, s, vh, spanned(s, (m, n), spectrum, reference=s_sum), alpha)
 
 
 # --------------------------------------------------------------------------------------------------- pool
@@ -311,12 +352,15 @@ class Isotropic:
         alpha: scaling of the merged delta (tuned per model in the paper; the presets hold ViT-B/32's).
         common_fraction: Iso-CTS only: fraction of ``min(m, n)`` kept as the common subspace (paper: 0.8).
         lowrank_min_dim: Iso-CTS only: randomized task-specific SVDs for ``min(m, n)`` at least this; null: exact.
+        spectrum: ``full`` (the paper: all ``min(m, n)`` singular values flattened) or ``nonzero`` (only the directions
+            the task vectors span; for low-rank task vectors such as LoRA experts', see ``iso_c``).
     """
 
     name: str
     alpha: float = 1.0
     common_fraction: float | None = None
     lowrank_min_dim: int | None = None
+    spectrum: str = "full"
 
     calibration_steps = 0
 
@@ -326,16 +370,18 @@ class Isotropic:
             raise ConfigError(f"method.{key} does not apply to 'iso_c' (it has no task-specific subspace)")
         if self.name == "iso_cts" and self.common_fraction is None:
             raise ConfigError("method.common_fraction must be set for 'iso_cts' (conf/method/iso_cts.yaml: 0.8)")
+        if self.spectrum not in SPECTRA:
+            raise ConfigError(f"method.spectrum must be one of {SPECTRA} for {self.name!r}, got {self.spectrum!r}")
         check_options(self.name, self.alpha, self.lowrank_min_dim, self.common_fraction)
 
     def options(self) -> dict:
         keys = ("alpha",) if self.name == "iso_c" else ("alpha", "common_fraction", "lowrank_min_dim")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in keys} | {"spectrum": self.spectrum}
 
     def kernel(self, tau: Tensor, matrix: bool) -> Tensor:
         if self.name == "iso_c":
-            return iso_c(tau, self.alpha, matrix)
-        return iso_cts(tau, self.alpha, self.common_fraction, self.lowrank_min_dim, matrix)
+            return iso_c(tau, self.alpha, matrix, self.spectrum)
+        return iso_cts(tau, self.alpha, self.common_fraction, self.lowrank_min_dim, matrix, self.spectrum)
 
     def merge(self, run: Run) -> MergeResult:
         deltas = map_matrices(run.pool.task_vectors, self.kernel)
