@@ -29,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("bench_lm")
 # Rows without training (data-free and closed-form merges), then the learned ones (one run per seed).
-DEFAULT_METHODS = ["task_arithmetic", "ties", "dare", "regmean", "regmean_pp", "fisher", "tsv_m", "iso_cts"]
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare", "regmean", "regmean_pp", "fisher", "tsv_m", "iso_c", "iso_cts"]
 DEFAULT_METHODS += ["adamerging+entropy", "adamerging", "expert_merging"]
 
 
