@@ -244,11 +244,10 @@ def iso_cts(
         u = torch.cat([u_ts.transpose(-3, -2).flatten(-2), u], -1)
         s = torch.cat([s_ts.flatten(-2), s], -1)
         vh = torch.cat([vh_ts.flatten(-3, -2), vh], -2)
-        keep = spanned(s, (m, n), spectrum, reference=s_sum)
-        # A zeroed column stays out of the polar factor of the others: P Q^T is block-diagonal in it.
+    keep = spanned(s, (m, n), spectrum, reference=s_sum)
+    if per_task > 0:  # a zeroed column stays out of the polar factor of the others: P Q^T is block-diagonal in it
         u, vh = orthonormalize(u * keep.unsqueeze(-2)), orthonormalize((vh * keep.unsqueeze(-1)).mT).mT
-        return isotropic(u, s, vh, keep, alpha)
-    return isotropic(u, s, vh, spanned(s, (m, n), spectrum, reference=s_sum), alpha)
+    return isotropic(u, s, vh, keep, alpha)
 
 
 # --------------------------------------------------------------------------------------------------- pool
